@@ -1,0 +1,257 @@
+"""Calls and legs: the one place where ingest, engine and publishing meet.
+
+Every ingest path (RTP, AudioSocket, websocket forks, WebRTC, SIP) does the same three
+things: `CallRegistry.open_leg()`, `Leg.feed()` decoded PCM at its source rate, and
+`Leg.close()`. The leg resamples to 16 kHz, drives its engine stream and turns what the
+engine recognises into numbered TranscriptEvents for the publisher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from callscribe.codecs.base import Pcm16
+from callscribe.codecs.resample import Resampler
+from callscribe.engine.base import SAMPLE_RATE, Engine, EngineError, Final, Partial, Recognition
+from callscribe.events import EventType, TranscriptEvent
+from callscribe.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# Enough (audio position → wall clock) checkpoints to time results up to ~2 minutes back.
+_LATENCY_CHECKPOINTS = 6000
+
+
+class EventSink(Protocol):
+    def publish(self, event: TranscriptEvent) -> None: ...
+
+
+class LegConflict(ValueError):
+    """A leg of that name is already open in that call."""
+
+
+class AtCapacity(RuntimeError):
+    """The bridge is at its configured leg limit."""
+
+
+@dataclass
+class Call:
+    call_id: str
+    meta: dict[str, Any]
+    legs: dict[str, Leg] = field(default_factory=dict)
+    seq: int = 0
+    started: float = field(default_factory=time.time)
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+
+class Leg:
+    def __init__(
+        self,
+        call: Call,
+        name: str,
+        engine: Engine,
+        sink: EventSink,
+        metrics: Metrics,
+        meta: dict[str, Any],
+        on_closed: Any,
+    ) -> None:
+        self.call = call
+        self.name = name
+        self.leg_id = uuid.uuid4().hex[:16]
+        self.meta = meta
+        self.engine_name = engine.name
+        self._sink = sink
+        self._metrics = metrics
+        self._on_closed = on_closed
+        self._seq = 0
+        self._samples = 0  # 16 kHz samples fed to the engine: the leg's clock
+        self._resampler: Resampler | None = None
+        self._checkpoints: deque[tuple[int, float]] = deque(maxlen=_LATENCY_CHECKPOINTS)
+        self._closing: asyncio.Task[None] | None = None
+        self._stream = engine.open_stream(call.call_id, name, self._on_recognition)
+        self.started = time.time()
+        self._publish(EventType.LEG_STARTED, meta=meta)
+
+    @property
+    def call_id(self) -> str:
+        return self.call.call_id
+
+    @property
+    def audio_ms(self) -> int:
+        return self._samples * 1000 // SAMPLE_RATE
+
+    @property
+    def closed(self) -> bool:
+        return self._closing is not None
+
+    def feed(self, pcm: Pcm16, rate: int) -> None:
+        """Mono int16 PCM at `rate` (which may change mid-leg: a codec switch)."""
+        if self._closing is not None or pcm.size == 0:
+            return
+        if self._resampler is None or self._resampler.in_rate != rate:
+            if self._resampler is not None:
+                self._to_engine(self._resampler.flush())
+            self._resampler = Resampler(rate)
+        self._to_engine(self._resampler.process(pcm))
+
+    def dtmf(self, digit: str, duration_ms: int) -> None:
+        end = self.audio_ms
+        self._publish(EventType.DTMF, text=digit, start_ms=max(0, end - duration_ms), end_ms=end)
+
+    def error(self, message: str, code: str = "ingest") -> None:
+        self._publish(EventType.ERROR, text=message, meta={"code": code})
+
+    async def close(self, reason: str = "hangup") -> None:
+        """Flush the open utterance, publish leg.ended (and call.ended for the last leg).
+        Safe to call more than once; every caller waits for the same flush."""
+        if self._closing is None:
+            self._closing = asyncio.create_task(self._close(reason))
+        await asyncio.shield(self._closing)
+
+    async def _close(self, reason: str) -> None:
+        if self._resampler is not None:
+            self._to_engine(self._resampler.flush())
+        try:
+            await self._stream.finish()
+        except Exception:  # the leg must still end cleanly for its subscribers
+            log.exception("engine failed to finish leg %s/%s", self.call_id, self.name)
+            self.error("engine failed to finish the leg; the last utterance may be missing", "engine")
+        self._publish(
+            EventType.LEG_ENDED,
+            end_ms=self.audio_ms,
+            meta={"reason": reason, "audio_ms": self.audio_ms},
+        )
+        self._on_closed(self)
+
+    def _to_engine(self, audio: np.ndarray[Any, np.dtype[np.float32]]) -> None:
+        if audio.size == 0:
+            return
+        self._samples += audio.size
+        self._checkpoints.append((self.audio_ms, time.monotonic()))
+        self._metrics.audio_seconds.inc(audio.size / SAMPLE_RATE)
+        self._stream.feed(audio)
+
+    def _latency_ms(self, end_ms: int) -> int | None:
+        """Wall time since the audio ending at `end_ms` reached the engine."""
+        for audio_ms, wall in self._checkpoints:
+            if audio_ms >= end_ms:
+                return max(0, int((time.monotonic() - wall) * 1000))
+        return None
+
+    def _on_recognition(self, result: Recognition) -> None:
+        if isinstance(result, Partial):
+            latency = self._latency_ms(result.end_ms)
+            if latency is not None:
+                self._metrics.partial_latency.observe(latency / 1000)
+            self._publish(
+                EventType.PARTIAL,
+                utt=result.utt,
+                text=result.text,
+                stable=result.stable,
+                unstable=result.unstable,
+                start_ms=result.start_ms,
+                end_ms=result.end_ms,
+                latency_ms=latency,
+            )
+        elif isinstance(result, Final):
+            latency = self._latency_ms(result.end_ms)
+            if latency is not None:
+                self._metrics.final_latency.observe(latency / 1000)
+            self._publish(
+                EventType.FINAL,
+                utt=result.utt,
+                text=result.text,
+                stable=result.text,
+                start_ms=result.start_ms,
+                end_ms=result.end_ms,
+                lang=result.lang,
+                latency_ms=latency,
+            )
+        elif isinstance(result, EngineError):
+            self._metrics.engine_errors.labels(code=result.code).inc()
+            self._publish(EventType.ERROR, utt=result.utt, text=result.message, meta={"code": result.code})
+
+    def _publish(self, kind: EventType, **fields: Any) -> None:
+        self._seq += 1
+        self._sink.publish(
+            TranscriptEvent(
+                type=kind,
+                call_id=self.call_id,
+                leg=self.name,
+                seq=self._seq,
+                engine=self.engine_name,
+                **fields,
+            )
+        )
+
+
+class CallRegistry:
+    """Open calls and legs. A call starts with its first leg and ends with its last."""
+
+    def __init__(self, engine: Engine, sink: EventSink, metrics: Metrics, max_legs: int = 1000) -> None:
+        self._engine = engine
+        self._sink = sink
+        self._metrics = metrics
+        self.max_legs = max_legs
+        self.calls: dict[str, Call] = {}
+        self.legs: dict[str, Leg] = {}
+        self.accepting = True
+
+    def open_leg(self, call_id: str, leg: str, meta: dict[str, Any] | None = None) -> Leg:
+        if not call_id or not leg:
+            raise ValueError(f"call_id and leg must be non-empty, got {call_id!r}/{leg!r}")
+        if not self.accepting:
+            self._metrics.legs_refused.labels(reason="draining").inc()
+            raise AtCapacity("callscribe is shutting down and accepts no new legs")
+        if len(self.legs) >= self.max_legs:
+            self._metrics.legs_refused.labels(reason="capacity").inc()
+            raise AtCapacity(f"at capacity: {len(self.legs)} legs open (max_legs={self.max_legs})")
+        call = self.calls.get(call_id)
+        if call is None:
+            call = Call(call_id, dict(meta or {}))
+            self.calls[call_id] = call
+            self._publish_call(call, EventType.CALL_STARTED, meta=call.meta)
+        elif leg in call.legs:
+            raise LegConflict(f"leg {leg!r} of call {call_id!r} is already open")
+        opened = Leg(call, leg, self._engine, self._sink, self._metrics, dict(meta or {}), self._leg_closed)
+        call.legs[leg] = opened
+        self.legs[opened.leg_id] = opened
+        self._update_gauges()
+        log.info("leg opened call_id=%s leg=%s leg_id=%s", call_id, leg, opened.leg_id)
+        return opened
+
+    def get(self, leg_id: str) -> Leg | None:
+        return self.legs.get(leg_id)
+
+    async def close_all(self, reason: str) -> None:
+        await asyncio.gather(*(leg.close(reason) for leg in list(self.legs.values())))
+
+    def _leg_closed(self, leg: Leg) -> None:
+        self.legs.pop(leg.leg_id, None)
+        call = leg.call
+        call.legs.pop(leg.name, None)
+        log.info("leg ended call_id=%s leg=%s audio_ms=%d", leg.call_id, leg.name, leg.audio_ms)
+        if not call.legs and self.calls.get(call.call_id) is call:
+            del self.calls[call.call_id]
+            self._publish_call(call, EventType.CALL_ENDED, meta={"duration_ms": int((time.time() - call.started) * 1000)})
+        self._update_gauges()
+
+    def _publish_call(self, call: Call, kind: EventType, meta: dict[str, Any]) -> None:
+        self._sink.publish(
+            TranscriptEvent(type=kind, call_id=call.call_id, seq=call.next_seq(), engine=self._engine.name, meta=meta)
+        )
+
+    def _update_gauges(self) -> None:
+        self._metrics.active_calls.set(len(self.calls))
+        self._metrics.active_legs.set(len(self.legs))

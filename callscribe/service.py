@@ -1,0 +1,128 @@
+"""The composition root: one asyncio process running ingest, engine, publishing and HTTP.
+
+`async with Service(settings) as service:` starts everything and stops it in reverse order,
+draining open legs (their last finals are published) before the publisher flushes.
+Ingest servers other than HTTP are `Component`s: anything with async start()/stop().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import uvicorn
+from starlette.routing import BaseRoute
+
+from callscribe.calls import CallRegistry
+from callscribe.engine.base import Engine
+from callscribe.metrics import Metrics
+from callscribe.publish.redis_streams import RedisStreamsPublisher
+from callscribe.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Component(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+def create_engine(settings: Settings) -> Engine:
+    """The configured engine; heavy imports happen only for the engine chosen."""
+    if settings.engine == "sphinx":
+        from callscribe.engine.sphinx import SphinxEngine
+
+        return SphinxEngine(language=settings.language)
+    if settings.engine == "vllm":
+        from callscribe.engine.qwen3.local import LocalQwen3Engine
+
+        return LocalQwen3Engine.from_settings(settings)
+    if settings.engine == "remote":
+        from callscribe.engine.qwen3.remote import RemoteQwen3Engine
+
+        return RemoteQwen3Engine.from_settings(settings)
+    raise ValueError(f"unknown engine {settings.engine!r}")
+
+
+class Service:
+    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.engine = engine or create_engine(settings)
+        self.publisher = RedisStreamsPublisher(settings, self.metrics)
+        self.registry = CallRegistry(self.engine, self.publisher, self.metrics)
+        self.components: list[Component] = []
+        # Feature modules (websocket forks, WHIP, dashboard) add their routes here before start().
+        self.route_factories: list[Callable[[Service], list[BaseRoute]]] = []
+        self._http: uvicorn.Server | None = None
+        self._http_task: asyncio.Task[Any] | None = None
+
+    @property
+    def http_port(self) -> int:
+        """The bound HTTP port (differs from settings when settings ask for port 0)."""
+        if self._http is not None and self._http.servers:
+            sockets = self._http.servers[0].sockets
+            if sockets:
+                return int(sockets[0].getsockname()[1])
+        return self.settings.http_port
+
+    async def start(self) -> None:
+        from callscribe.bridge.udp import RtpIngest
+        from callscribe.web.app import create_app
+
+        await self.publisher.start()
+        await self.engine.start()
+        self.rtp = RtpIngest(self.settings, self.registry, self.metrics)
+        self.components.append(self.rtp)
+        for component in self.components:
+            await component.start()
+        config = uvicorn.Config(
+            create_app(self),
+            host=self.settings.http_host,
+            port=self.settings.http_port,
+            log_level="warning",
+            lifespan="off",
+        )
+        self._http = uvicorn.Server(config)
+        self._http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._http_task = asyncio.create_task(self._http.serve())
+        while not self._http.started:
+            if self._http_task.done():
+                self._http_task.result()
+                raise RuntimeError(f"HTTP server did not start on port {self.settings.http_port}")
+            await asyncio.sleep(0.02)
+        log.info(
+            "callscribe ready engine=%s http=%s:%d rtp=%s:%d",
+            self.engine.name,
+            self.settings.http_host,
+            self.http_port,
+            self.settings.rtp_host,
+            self.settings.rtp_port,
+        )
+
+    async def stop(self, drain_timeout: float = 30.0) -> None:
+        self.registry.accepting = False
+        try:
+            await asyncio.wait_for(self.registry.close_all("shutdown"), drain_timeout)
+        except TimeoutError:
+            log.error("drain timed out after %.0fs; %d legs cut", drain_timeout, len(self.registry.legs))
+        for component in reversed(self.components):
+            await component.stop()
+        if self._http is not None and self._http_task is not None:
+            self._http.should_exit = True
+            await self._http_task
+        await self.engine.close()
+        await self.publisher.close()
+
+    @property
+    def ready(self) -> bool:
+        return self.engine.ready and self.publisher.connected
+
+    async def __aenter__(self) -> Service:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

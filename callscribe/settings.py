@@ -1,0 +1,102 @@
+"""Configuration: CALLSCRIBE_* environment variables, then an optional TOML file, then defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+EngineName = Literal["sphinx", "vllm", "remote"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CALLSCRIBE_", extra="forbid")
+
+    # Redis Streams output
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "callscribe"
+    stream_maxlen: int = Field(10_000, ge=100, description="approximate MAXLEN of each call stream")
+    finals_maxlen: int = Field(1_000_000, ge=1000, description="approximate MAXLEN of the finals stream")
+    call_ttl_sec: int = Field(86_400, ge=1, description="a call's stream expires this long after call.ended")
+    outage_buffer_events: int = Field(
+        10_000, ge=10, description="events held in memory while Redis is unreachable"
+    )
+    spool_dir: Path | None = Field(None, description="where events beyond the buffer are spooled")
+
+    # HTTP (health, legs API, metrics, websocket forks)
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+
+    # RTP
+    rtp_host: str = "127.0.0.1"
+    rtp_port: int = Field(40000, description="auto-leg port: unknown sources start a leg here")
+    rtp_port_range: str = Field("40002-40999", description="ports reserved by POST /v1/legs")
+    rtp_public_host: str | None = Field(None, description="address to hand out in POST /v1/legs")
+    jitter_ms: int = Field(60, ge=0, le=1000, description="how long a gap is waited for reordering")
+    rtp_dynamic_codec: str = Field("opus", description="codec of dynamic payload types on the auto-leg port")
+    dtmf_payload_type: int = Field(101, ge=96, le=127)
+    max_packet_bytes: int = Field(8192, ge=256)
+    max_packets_per_sec_per_source: int = Field(500, ge=10)
+    leg_idle_timeout_sec: float = Field(10.0, gt=0)
+
+    # Engine
+    engine: EngineName = "sphinx"
+    model: str | None = None
+    vllm_args: dict[str, Any] = Field(default_factory=dict)
+    language: str | None = None
+
+    log_level: str = "info"
+    log_json: bool = False
+
+    @field_validator("rtp_port_range")
+    @classmethod
+    def _check_range(cls, value: str) -> str:
+        parse_port_range(value)
+        return value
+
+    @property
+    def rtp_ports(self) -> range:
+        return parse_port_range(self.rtp_port_range)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("CALLSCRIBE_CONFIG")
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+
+def parse_port_range(value: str) -> range:
+    """'40002-40999' → range(40002, 41000); raises ValueError with the offending text."""
+    try:
+        low_text, high_text = value.split("-", 1)
+        low, high = int(low_text), int(high_text)
+    except ValueError:
+        raise ValueError(f"port range {value!r} must look like 40002-40999") from None
+    if not 1 <= low <= high <= 65535:
+        raise ValueError(f"port range {value!r} must be within 1-65535, low first")
+    return range(low, high + 1)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    if config_file is not None:
+        if not config_file.is_file():
+            raise FileNotFoundError(f"config file {config_file} does not exist")
+        os.environ["CALLSCRIBE_CONFIG"] = str(config_file)
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,105 @@
+"""The HTTP app: health, the legs API, metrics. Feature modules add their own routes."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from callscribe.calls import AtCapacity, LegConflict
+from callscribe.codecs.base import CodecError
+
+if TYPE_CHECKING:
+    from callscribe.service import Service
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def read_json_object(request: Request, max_bytes: int = 65536) -> dict[str, Any]:
+    """The request body as a JSON object; ValueError with a reason a client can act on."""
+    body = await request.body()
+    if len(body) > max_bytes:
+        raise ValueError(f"body of {len(body)} bytes exceeds {max_bytes}")
+    try:
+        data = json.loads(body or b"null")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"body is not JSON: {exc.msg} at position {exc.pos}") from None
+    if not isinstance(data, dict):
+        raise ValueError("body must be a JSON object")
+    return data
+
+
+def health_routes(service: Service) -> list[BaseRoute]:
+    async def healthz(request: Request) -> Response:
+        return PlainTextResponse("ok\n")
+
+    async def readyz(request: Request) -> Response:
+        checks = {"redis": service.publisher.connected, "engine": service.engine.ready}
+        status = 200 if all(checks.values()) else 503
+        return JSONResponse({"ready": status == 200, **checks}, status_code=status)
+
+    async def metrics(request: Request) -> Response:
+        return Response(service.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
+
+    return [Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics)]
+
+
+def leg_routes(service: Service) -> list[BaseRoute]:
+    async def create_leg(request: Request) -> Response:
+        try:
+            body = await read_json_object(request)
+            call_id, leg, codec = body.get("call_id"), body.get("leg", "caller"), body.get("codec", "pcmu")
+            meta = body.get("meta", {})
+            if not isinstance(call_id, str) or not call_id:
+                raise ValueError("call_id (non-empty string) is required")
+            if not isinstance(leg, str) or not leg or not isinstance(codec, str):
+                raise ValueError("leg and codec must be non-empty strings")
+            if not isinstance(meta, dict):
+                raise ValueError("meta must be a JSON object")
+            reserved = await service.rtp.reserve(call_id, leg, codec, meta)
+        except (ValueError, CodecError) as exc:
+            return error(400, str(exc))
+        except LegConflict as exc:
+            return error(409, str(exc))
+        except AtCapacity as exc:
+            return error(503, str(exc))
+        return JSONResponse(
+            {"leg_id": reserved.leg_id, "rtp_host": reserved.rtp_host, "rtp_port": reserved.rtp_port},
+            status_code=201,
+        )
+
+    async def delete_leg(request: Request) -> Response:
+        leg_id = request.path_params["leg_id"]
+        if not await service.rtp.release(leg_id):
+            return error(404, f"no open leg {leg_id!r}")
+        await service.publisher.wait_flushed(timeout=10.0)
+        return Response(status_code=204)
+
+    async def list_legs(request: Request) -> Response:
+        return JSONResponse(
+            [
+                {"leg_id": leg.leg_id, "call_id": leg.call_id, "leg": leg.name, "audio_ms": leg.audio_ms}
+                for leg in service.registry.legs.values()
+            ]
+        )
+
+    return [
+        Route("/v1/legs", create_leg, methods=["POST"]),
+        Route("/v1/legs", list_legs, methods=["GET"]),
+        Route("/v1/legs/{leg_id}", delete_leg, methods=["DELETE"]),
+    ]
+
+
+def create_app(service: Service) -> Starlette:
+    routes = [*health_routes(service), *leg_routes(service)]
+    for factory in service.route_factories:
+        routes.extend(factory(service))
+    return Starlette(routes=routes)
