@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from callscribe.service import Service
+from callscribe.settings import Settings
+from tests.support import free_port, free_port_range
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _redis_is_up() -> None:
+    out = subprocess.run(["redis-cli", "-p", "6379", "ping"], capture_output=True, text=True)
+    if out.stdout.strip() != "PONG":
+        pytest.exit("Redis is not answering on 127.0.0.1:6379 (make test starts it)", returncode=3)
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    return f"cstest-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def redis(key_prefix: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(REDIS_URL, decode_responses=True)
+    yield client
+    keys = [key async for key in client.scan_iter(match=f"{key_prefix}:*", count=1000)]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+ServiceFactory = Callable[..., AbstractAsyncContextManager[Service]]
+
+
+@pytest.fixture
+def make_service(key_prefix: str) -> ServiceFactory:
+    """`async with make_service(jitter_ms=40) as svc:` a real bridge on free ports."""
+
+    @asynccontextmanager
+    async def factory(**overrides: Any) -> AsyncIterator[Service]:
+        values: dict[str, Any] = {
+            "redis_url": REDIS_URL,
+            "key_prefix": key_prefix,
+            "http_port": 0,
+            "rtp_port": free_port(),
+            "rtp_port_range": free_port_range(),
+        }
+        values.update(overrides)
+        async with Service(Settings(**values)) as service:
+            yield service
+
+    return factory

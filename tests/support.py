@@ -1,0 +1,96 @@
+"""Helpers shared by the tests: ports, real speech clips, reading events back from Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import time
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import redis.asyncio as aioredis
+
+from callscribe.events import EventType, TranscriptEvent
+
+AUDIO_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
+CLIPS = ("librivox-0870", "librivox-0880", "librivox-0890")
+
+
+@dataclass(frozen=True)
+class Clip:
+    name: str
+    pcm: npt.NDArray[np.int16]
+    rate: int
+    reference: str
+
+    @property
+    def path(self) -> Path:
+        return AUDIO_DIR / f"{self.name}.wav"
+
+    @property
+    def seconds(self) -> float:
+        return self.pcm.size / self.rate
+
+
+def load_clip(name: str) -> Clip:
+    with wave.open(str(AUDIO_DIR / f"{name}.wav"), "rb") as wav:
+        assert wav.getnchannels() == 1 and wav.getsampwidth() == 2
+        pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2").astype(np.int16)
+        rate = wav.getframerate()
+    reference = (AUDIO_DIR / f"{name}.txt").read_text().strip()
+    return Clip(name, pcm, rate, reference)
+
+
+def free_port(kind: int = socket.SOCK_DGRAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def free_port_range(size: int = 20) -> str:
+    """A block of UDP ports that are free right now (best effort, random start)."""
+    for _ in range(200):
+        low = random.randrange(20000, 30000 - size)
+        try:
+            socks = []
+            for port in range(low, low + size):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+        return f"{low}-{low + size - 1}"
+    raise RuntimeError("no free UDP port block found")
+
+
+async def read_call_events(
+    redis: aioredis.Redis, prefix: str, call_id: str, until: EventType = EventType.CALL_ENDED, timeout: float = 60
+) -> list[TranscriptEvent]:
+    """Every event of one call from its stream, waiting until an event of type `until` arrives."""
+    key = f"{prefix}:call:{{{call_id}}}"
+    events: list[TranscriptEvent] = []
+    last_id = "0-0"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reply = await redis.xread({key: last_id}, block=500, count=1000)
+        for _stream, entries in reply:
+            for entry_id, fields in entries:
+                last_id = entry_id
+                events.append(TranscriptEvent.from_fields(fields))
+        if any(e.type == until for e in events):
+            return events
+        await asyncio.sleep(0)
+    raise TimeoutError(f"no {until} for call {call_id} within {timeout}s; got {[e.type for e in events]}")
+
+
+def finals_text(events: list[TranscriptEvent], leg: str | None = None) -> str:
+    return " ".join(
+        e.text for e in events if e.type == EventType.FINAL and e.text and (leg is None or e.leg == leg)
+    )
