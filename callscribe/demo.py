@@ -1,0 +1,125 @@
+"""`callscribe demo`: a real bridge process, a real RTP call, the transcript read back from Redis.
+
+Everything crosses a real boundary: `callscribe serve` runs as its own process, the call is
+sent as paced RTP over UDP, and what is printed comes from Redis Streams, as any consumer sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import redis.asyncio as aioredis
+
+from callscribe.bridge.rtp_sender import send_wav
+from callscribe.events import EventType, TranscriptEvent
+from callscribe.publish.tail import follow
+
+DEMO_PREFIX = "callscribe"
+
+
+def default_clip() -> Path | None:
+    candidates = [
+        os.environ.get("CALLSCRIBE_DEMO_CLIP"),
+        str(Path(__file__).resolve().parents[2] / "shared" / "audio" / "librivox-0870.wav"),
+    ]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+def _free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _wait_ready(http: httpx.AsyncClient, server: asyncio.subprocess.Process, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if server.returncode is not None:
+            raise RuntimeError(f"callscribe serve exited with code {server.returncode} before it was ready")
+        try:
+            reply = await http.get("/readyz")
+            if reply.status_code == 200:
+                return
+            last = reply.text
+        except httpx.TransportError as exc:
+            last = str(exc) or type(exc).__name__
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"callscribe serve not ready after {timeout:.0f}s: {last}")
+
+
+async def run_demo(
+    clip: Path,
+    *,
+    redis_url: str,
+    speed: float,
+    codec: str,
+    echo: Callable[[str], None],
+    fmt: Callable[[TranscriptEvent], str],
+) -> None:
+    redis = aioredis.from_url(redis_url)
+    try:
+        await redis.ping()
+    except Exception as exc:
+        raise RuntimeError(f"Redis is not reachable at {redis_url} ({exc}); start it or set --redis-url") from None
+
+    http_port = _free_port(socket.SOCK_STREAM)
+    env = {
+        **os.environ,
+        "CALLSCRIBE_REDIS_URL": redis_url,
+        "CALLSCRIBE_KEY_PREFIX": DEMO_PREFIX,
+        "CALLSCRIBE_HTTP_PORT": str(http_port),
+        "CALLSCRIBE_RTP_PORT": str(_free_port(socket.SOCK_DGRAM)),
+        "CALLSCRIBE_ENGINE": "sphinx",
+    }
+    echo(f"starting callscribe serve (HTTP :{http_port}, embedded sphinx engine)")
+    server = await asyncio.create_subprocess_exec(sys.executable, "-m", "callscribe", "serve", env=env)
+    call_id = f"demo-{uuid.uuid4().hex[:8]}"
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=30) as http:
+            await _wait_ready(http, server, timeout=120)
+            reply = await http.post("/v1/legs", json={"call_id": call_id, "leg": "caller", "codec": codec})
+            if reply.status_code != 201:
+                raise RuntimeError(f"POST /v1/legs failed: {reply.status_code} {reply.text}")
+            leg = reply.json()
+            echo(f"call {call_id}: sending {clip.name} as RTP {codec} to {leg['rtp_host']}:{leg['rtp_port']}")
+            echo(f"events from Redis stream {DEMO_PREFIX}:call:{{{call_id}}}:")
+
+            finals = 0
+
+            async def print_events() -> None:
+                nonlocal finals
+                async for _entry, event in follow(redis, DEMO_PREFIX, call_id=call_id, start="0-0"):
+                    echo(fmt(event))
+                    finals += event.type == EventType.FINAL
+                    if event.type == EventType.CALL_ENDED:
+                        return
+
+            printer = asyncio.create_task(print_events())
+            await send_wav(clip, leg["rtp_host"], leg["rtp_port"], codec=codec, speed=speed)
+            reply = await http.delete(f"/v1/legs/{leg['leg_id']}")
+            if reply.status_code != 204:
+                raise RuntimeError(f"DELETE /v1/legs failed: {reply.status_code} {reply.text}")
+            try:
+                await asyncio.wait_for(printer, timeout=30)
+            except TimeoutError:
+                raise RuntimeError("no call.ended event within 30 s of hanging up") from None
+            if finals == 0:
+                raise RuntimeError("the call ended without a single final transcript")
+            echo(f"done: {finals} finals; replay with `callscribe tail --call-id {call_id} --from-start`")
+    finally:
+        if server.returncode is None:
+            server.terminate()
+            await server.wait()
+        await redis.aclose()
