@@ -75,11 +75,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = os.environ.get("CALLSCRIBE_CONFIG")
-        if config_file:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
-        return tuple(sources)
+        # Precedence: explicit arguments (CLI), then CALLSCRIBE_* env, then the TOML file.
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
 
 
 def parse_port_range(value: str) -> range:
@@ -95,8 +92,13 @@ def parse_port_range(value: str) -> range:
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    if config_file is not None:
-        if not config_file.is_file():
-            raise FileNotFoundError(f"config file {config_file} does not exist")
-        os.environ["CALLSCRIBE_CONFIG"] = str(config_file)
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    """Settings from arguments, env and a TOML file (`config_file` or $CALLSCRIBE_CONFIG)."""
+    path = config_file or (Path(os.environ["CALLSCRIBE_CONFIG"]) if os.environ.get("CALLSCRIBE_CONFIG") else None)
+    if path is not None and not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+
+    class FileSettings(Settings):
+        model_config = SettingsConfigDict(toml_file=path)
+
+    values = {k: v for k, v in overrides.items() if v is not None}
+    return FileSettings(**values) if path is not None else Settings(**values)
