@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -79,6 +80,7 @@ class Leg:
         self._resampler: Resampler | None = None
         self._checkpoints: deque[tuple[int, float]] = deque(maxlen=_LATENCY_CHECKPOINTS)
         self._closing: asyncio.Task[None] | None = None
+        self._listeners: list[Callable[[TranscriptEvent], None]] = []
         self._stream = engine.open_stream(call.call_id, name, self._on_recognition)
         self.started = time.time()
         self._publish(EventType.LEG_STARTED, meta=meta)
@@ -182,18 +184,27 @@ class Leg:
             self._metrics.engine_errors.labels(code=result.code).inc()
             self._publish(EventType.ERROR, utt=result.utt, text=result.message, meta={"code": result.code})
 
+    def add_listener(self, listener: Callable[[TranscriptEvent], None]) -> None:
+        """Also hand every later event of this leg to `listener`, after the publisher (an
+        ingest that talks back, e.g. a FreeSWITCH fork echoing finals, subscribes here)."""
+        self._listeners.append(listener)
+
     def _publish(self, kind: EventType, **fields: Any) -> None:
         self._seq += 1
-        self._sink.publish(
-            TranscriptEvent(
-                type=kind,
-                call_id=self.call_id,
-                leg=self.name,
-                seq=self._seq,
-                engine=self.engine_name,
-                **fields,
-            )
+        event = TranscriptEvent(
+            type=kind,
+            call_id=self.call_id,
+            leg=self.name,
+            seq=self._seq,
+            engine=self.engine_name,
+            **fields,
         )
+        self._sink.publish(event)
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:  # a listener's failure must not stop the leg's events
+                log.exception("event listener failed on leg %s/%s", self.call_id, self.name)
 
 
 class CallRegistry:

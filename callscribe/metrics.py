@@ -62,6 +62,12 @@ class Metrics:
         self.engine_errors = Counter(
             "callscribe_engine_errors", "Engine failures reported to legs", ["code"], registry=r
         )
+        self.dashboard_clients = Gauge(
+            "callscribe_dashboard_clients", "Open dashboard event streams (SSE)", registry=r
+        )
+        self.dashboard_resumes = Counter(
+            "callscribe_dashboard_resumes", "Dashboard event streams resumed from Last-Event-ID", registry=r
+        )
 
     def drop(self, transport: str, reason: str, count: int = 1) -> None:
         self.packets_dropped.labels(transport=transport, reason=reason).inc(count)

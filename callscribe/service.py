@@ -76,6 +76,13 @@ class Service:
         await self.engine.start()
         self.rtp = RtpIngest(self.settings, self.registry, self.metrics)
         self.components.append(self.rtp)
+        if self.settings.sip_enabled:
+            from callscribe.bridge.sip_transport import SipServer
+
+            self.sip = SipServer(self.settings, self.rtp, self.metrics, self.registry)
+            self.components.append(self.sip)
+        self._add_webrtc_and_dashboard()
+        self._add_media_forks()
         for component in self.components:
             await component.start()
         config = uvicorn.Config(
@@ -101,6 +108,24 @@ class Service:
             self.settings.rtp_host,
             self.settings.rtp_port,
         )
+
+    def _add_webrtc_and_dashboard(self) -> None:
+        from callscribe.bridge.webrtc import WhipIngest
+        from callscribe.web.dashboard import Dashboard, dashboard_routes
+        from callscribe.web.whip import whip_routes
+
+        self.whip = WhipIngest(self.registry, self.metrics)
+        self.dashboard = Dashboard(self.settings, self.metrics)
+        self.components += [self.whip, self.dashboard]
+        self.route_factories += [whip_routes, dashboard_routes]
+
+    def _add_media_forks(self) -> None:
+        from callscribe.bridge.audiosocket import AudioSocketServer
+        from callscribe.web.forks import fork_routes
+
+        self.audiosocket = AudioSocketServer(self.settings, self.registry, self.metrics)
+        self.components.append(self.audiosocket)
+        self.route_factories.append(fork_routes)
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
         self.registry.accepting = False

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -35,6 +35,14 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = 8080
 
+    # WebRTC (WHIP) ingest and the live dashboard
+    whip_token: SecretStr | None = Field(
+        None, description="bearer token WHIP clients must send (env CALLSCRIBE_WHIP_TOKEN); unset = open"
+    )
+    sse_max_sec: float = Field(
+        300.0, gt=0, description="dashboard event streams are recycled after this long (clients resume)"
+    )
+
     # RTP
     rtp_host: str = "127.0.0.1"
     rtp_port: int = Field(40000, description="auto-leg port: unknown sources start a leg here")
@@ -46,6 +54,38 @@ class Settings(BaseSettings):
     max_packet_bytes: int = Field(8192, ge=256)
     max_packets_per_sec_per_source: int = Field(500, ge=10)
     leg_idle_timeout_sec: float = Field(10.0, gt=0)
+
+    # SIP user agent server and SIPREC recording server (callscribe.bridge.sip_transport)
+    sip_enabled: bool = Field(False, description="listen for SIP calls and SIPREC sessions")
+    sip_host: str = Field("127.0.0.1", description="address the SIP UDP and TCP listeners bind")
+    sip_port: int = Field(5060, ge=0, le=65535, description="SIP port, UDP and TCP (0: pick a free one)")
+    sip_public_host: str | None = Field(
+        None, description="address put in Contact and SDP c= (default: rtp_public_host, then sip_host)"
+    )
+    max_calls: int = Field(100, ge=1, description="SIP calls/recording sessions at once; more get 503")
+    sip_retry_after_sec: int = Field(30, ge=1, description="Retry-After of a 503 at capacity")
+    sip_auth_realm: str = "callscribe"
+    sip_auth_user: str | None = Field(None, description="digest-authenticate INVITEs when set")
+    sip_auth_password: SecretStr | None = Field(None, description="from CALLSCRIBE_SIP_AUTH_PASSWORD")
+    sip_allow_networks: list[str] = Field(
+        default_factory=list, description="source networks allowed to INVITE (empty: any)"
+    )
+
+    # Media forks: AudioSocket (TCP) and the websocket forks under /fork/* on the HTTP port
+    audiosocket_host: str = "127.0.0.1"
+    audiosocket_port: int = Field(9092, ge=0, le=65535, description="AudioSocket TCP port (0: any free port)")
+    fork_auth_token: SecretStr | None = Field(
+        None, description="shared secret fork senders must present (Bearer, Basic password, ?token=)"
+    )
+    twilio_auth_token: SecretStr | None = Field(
+        None, description="Twilio auth token: /fork/twilio then requires a valid X-Twilio-Signature"
+    )
+    fork_max_connections_per_source: int = Field(
+        200, ge=1, description="open fork/AudioSocket connections allowed per source address"
+    )
+    fork_max_frame_bytes: int = Field(
+        262_144, ge=1024, description="larger websocket messages (AudioSocket frames) are dropped"
+    )
 
     # Engine
     engine: EngineName = "sphinx"
@@ -60,6 +100,18 @@ class Settings(BaseSettings):
     @classmethod
     def _check_range(cls, value: str) -> str:
         parse_port_range(value)
+        return value
+
+    @field_validator("sip_allow_networks")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"sip_allow_networks entry {entry!r} is not a network like 10.0.0.0/8") from None
         return value
 
     @property

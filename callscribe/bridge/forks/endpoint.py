@@ -1,0 +1,248 @@
+"""The asyncio side of every media fork: runs a ForkParser over one websocket connection.
+
+Transport-neutral (the starlette glue in `web/forks.py` adapts its WebSocket to
+`ForkConnection`): messages in, parser events out, events applied to legs. Legs open on their
+first media or key press, decode with one `callscribe.codecs` decoder each, and all close
+(their last finals published) however the socket ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any, Protocol
+
+from callscribe.bridge.forks.admission import token_matches
+from callscribe.bridge.forks.base import ForkParser
+from callscribe.bridge.forks.events import (
+    DtmfReceived,
+    ForkEvent,
+    ForkProtocolError,
+    FrameDropped,
+    MediaReceived,
+    RemoteError,
+    StreamStarted,
+    StreamStopped,
+)
+from callscribe.calls import AtCapacity, CallRegistry, Leg, LegConflict
+from callscribe.codecs import CodecError, Decoder, decoder_for, spec_by_name
+from callscribe.events import EventType, TranscriptEvent
+from callscribe.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# Websocket close codes (RFC 6455 §7.4.1).
+CLOSE_NORMAL = 1000
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_UNSUPPORTED = 1003
+CLOSE_POLICY = 1008
+CLOSE_TRY_LATER = 1013
+REPLY_DRAIN_SEC = 5.0
+
+
+class ForkConnection(Protocol):
+    async def receive(self) -> str | bytes | None:
+        """The next message; None once the peer has gone."""
+
+    async def send_text(self, text: str) -> None: ...
+
+    async def close(self, code: int, reason: str) -> None: ...
+
+
+class StreamEnded(Exception):
+    """Ends the receive loop: the close code and reason to send (if the socket is still open)."""
+
+    def __init__(self, code: int, reason: str, leg_reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.leg_reason = leg_reason
+
+
+def transcription_reply(event: TranscriptEvent) -> str:
+    """mod_audio_fork's server → FreeSWITCH message; `data` becomes the event body of
+    `mod_audio_fork::transcription` (mod_audio_stream: `mod_audio_stream::json`)."""
+    data: dict[str, Any] = {
+        "call_id": event.call_id,
+        "leg": event.leg,
+        "seq": event.seq,
+        "utt": event.utt,
+        "text": event.text,
+        "start_ms": event.start_ms,
+        "end_ms": event.end_ms,
+        "lang": event.lang,
+        "is_final": True,
+    }
+    return json.dumps({"type": "transcription", "data": data}, separators=(",", ":"))
+
+
+class ForkSession:
+    def __init__(
+        self,
+        parser: ForkParser,
+        registry: CallRegistry,
+        metrics: Metrics,
+        *,
+        max_frame_bytes: int,
+        peer: str,
+        start_token: str | None = None,
+    ) -> None:
+        """`start_token`: the token the start message must carry (the sender presented none
+        at the HTTP level and its dialect can carry one in-band)."""
+        self.parser = parser
+        self.registry = registry
+        self.metrics = metrics
+        self.max_frame_bytes = max_frame_bytes
+        self.peer = peer
+        self.start_token = start_token
+        self.transport = parser.transport
+        self.started: StreamStarted | None = None
+        self.legs: dict[str, Leg] = {}
+        self.decoders: dict[str, Decoder] = {}
+        self.replies: asyncio.Queue[str] | None = None
+
+    async def run(self, connection: ForkConnection) -> None:
+        ended = StreamEnded(CLOSE_NORMAL, "", "disconnect")
+        sender: asyncio.Task[None] | None = None
+        try:
+            while True:
+                message = await connection.receive()
+                if message is None:
+                    break
+                events = self._parse(message)
+                self._apply(events)
+                if self.replies is not None and sender is None:
+                    sender = asyncio.create_task(self._send_replies(connection))
+        except StreamEnded as exc:
+            ended = exc
+        except ForkProtocolError as exc:
+            self.metrics.drop(self.transport, "protocol-error")
+            log.warning("fork %s from %s: %s", self.parser.dialect, self.peer, exc)
+            ended = StreamEnded(CLOSE_UNSUPPORTED, str(exc), "protocol-error")
+        finally:
+            with contextlib.suppress(StreamEnded, ForkProtocolError):
+                self._apply(self.parser.finish())
+            if self.replies is not None and sender is None:
+                sender = asyncio.create_task(self._send_replies(connection))
+            await asyncio.gather(*(leg.close(ended.leg_reason) for leg in self.legs.values()))
+            if sender is not None:
+                # The legs' last finals are queued by now; give them a moment to go out.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._drained(), REPLY_DRAIN_SEC)
+                sender.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sender
+            with contextlib.suppress(Exception):
+                await connection.close(ended.code, ended.reason[:120])
+
+    def _parse(self, message: str | bytes) -> list[ForkEvent]:
+        size = len(message)  # characters for text: a lower bound of its bytes, and free
+        if size > self.max_frame_bytes:
+            return [FrameDropped("oversized", f"message of {size} bytes, over {self.max_frame_bytes}")]
+        self.metrics.packets_received.labels(transport=self.transport).inc()
+        if isinstance(message, str):
+            return self.parser.receive_text(message)
+        return self.parser.receive_bytes(message)
+
+    def _apply(self, events: list[ForkEvent]) -> None:
+        for event in events:
+            if isinstance(event, MediaReceived):
+                self._media(event)
+            elif isinstance(event, FrameDropped):
+                self.metrics.drop(self.transport, event.reason)
+                log.debug("fork %s from %s dropped a frame: %s", self.parser.dialect, self.peer, event.detail)
+            elif isinstance(event, StreamStarted):
+                self._start(event)
+            elif isinstance(event, DtmfReceived):
+                leg = self._leg(event.leg)
+                if not leg.closed:
+                    leg.dtmf(event.digit, event.duration_ms)
+            elif isinstance(event, RemoteError):
+                log.warning("fork %s from %s reports: %s", self.parser.dialect, self.peer, event.message)
+                for leg in self.legs.values():
+                    if not leg.closed:
+                        leg.error(event.message, "sender")
+            elif isinstance(event, StreamStopped):
+                raise StreamEnded(CLOSE_NORMAL, "", "hangup")
+
+    def _start(self, event: StreamStarted) -> None:
+        if self.start_token is not None and not token_matches(event.token, self.start_token):
+            self.metrics.drop(self.transport, "auth")
+            why = "missing" if event.token is None else "invalid"
+            log.warning(
+                "fork %s from %s refused: %s token in the start message", self.parser.dialect, self.peer, why
+            )
+            raise StreamEnded(CLOSE_POLICY, f"{why} token", "refused")
+        self.started = event
+        if event.reply_transcripts:
+            self.replies = asyncio.Queue()
+        if event.meta.get("call_id_generated"):
+            log.warning(
+                "fork %s from %s names no call; publishing as %s (pass ?call_id= or metadata)",
+                self.parser.dialect,
+                self.peer,
+                event.call_id,
+            )
+
+    def _leg(self, name: str) -> Leg:
+        leg = self.legs.get(name)
+        if leg is not None:
+            return leg
+        assert self.started is not None, "parsers start the stream before any leg event"
+        meta = {**self.started.meta, "peer": self.peer, "transport": self.transport}
+        try:
+            leg = self.registry.open_leg(self.started.call_id, name, meta)
+        except LegConflict as exc:
+            self.metrics.drop(self.transport, "leg-conflict")
+            raise StreamEnded(CLOSE_POLICY, str(exc), "refused") from None
+        except AtCapacity as exc:
+            self.metrics.drop(self.transport, "capacity")
+            raise StreamEnded(CLOSE_TRY_LATER, str(exc), "refused") from None
+        if self.replies is not None:
+            leg.add_listener(self._reply)
+        self.legs[name] = leg
+        return leg
+
+    def _media(self, event: MediaReceived) -> None:
+        leg = self._leg(event.leg)
+        decoder = self.decoders.get(event.leg)
+        if decoder is None or decoder.spec.name != event.codec:
+            try:
+                decoder = decoder_for(spec_by_name(event.codec))
+            except CodecError as exc:
+                raise ForkProtocolError(f"cannot decode {event.codec}: {exc}") from None
+            self.decoders[event.leg] = decoder
+        try:
+            pcm = decoder.decode(event.payload)
+        except CodecError as exc:
+            self.metrics.drop(self.transport, "bad-payload")
+            log.debug(
+                "fork %s from %s: undecodable %s payload: %s",
+                self.parser.dialect,
+                self.peer,
+                event.codec,
+                exc,
+            )
+            return
+        leg.feed(pcm, decoder.spec.sample_rate)
+
+    def _reply(self, event: TranscriptEvent) -> None:
+        if event.type == EventType.FINAL and event.text and self.replies is not None:
+            self.replies.put_nowait(transcription_reply(event))
+
+    async def _send_replies(self, connection: ForkConnection) -> None:
+        assert self.replies is not None
+        while True:
+            text = await self.replies.get()
+            try:
+                await connection.send_text(text)
+            except Exception:  # the peer went away: nothing more to tell it
+                log.debug("fork %s from %s: reply not sent, socket closed", self.parser.dialect, self.peer)
+            finally:
+                self.replies.task_done()
+
+    async def _drained(self) -> None:
+        assert self.replies is not None
+        await self.replies.join()

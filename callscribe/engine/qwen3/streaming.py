@@ -1,0 +1,507 @@
+"""The streaming algorithm for Qwen3-ASR, independent of how decodes reach the model.
+
+Per leg (`Qwen3LegStream`): VAD segments the leg into utterances; every `chunk_size_sec` of
+the open utterance one partial decodes that utterance's audio only, continuing after the
+seed's rollback prefix; when the utterance ends, one decode of the whole utterance gives its
+final. Shared by all legs (`DecodeAdmission`): finals are submitted at once with the higher
+priority; partials are admitted within a budget of requests in flight, so under load the
+partial cadence stretches instead of the queue growing; legs beyond `max_legs` are refused.
+
+Seed prefix rules (Qwen3-ASR's `streaming_transcribe`), inside an utterance: for chunk
+index < `unfixed_chunk_num` no prefix; afterwards prefix = the previous hypothesis minus its
+last `unfixed_token_num` tokens, minus a trailing U+FFFD (half a UTF-8 character). One
+tightening: a prefix never gets shorter than the one before (when the model generated fewer
+than `unfixed_token_num` tokens), so the `stable` words of a partial truly never change in
+later partials of the utterance. The final re-decodes the utterance without prefix (offline
+quality) and supersedes its partials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from callscribe.engine.base import (
+    SAMPLE_RATE,
+    Audio,
+    Emit,
+    Engine,
+    EngineError,
+    EngineUnavailable,
+    Final,
+    LegStream,
+    Partial,
+)
+from callscribe.engine.qwen3.backend import DecodeBackend, DecodeKind, DecodeRequest, DecodeResult, Tokenizer
+from callscribe.engine.qwen3.prompt import build_prompt, language_name, parse_output
+from callscribe.engine.segmenter import SegmenterConfig, Utterance, UtteranceSegmenter
+from callscribe.engine.vad import SpeechDetector
+
+log = logging.getLogger(__name__)
+
+FINAL_PRIORITY = 0  # vLLM serves lower values first
+PARTIAL_PRIORITY = 1
+# Qwen3-ASR writes ~3-5 tokens per second of speech; 10/s plus the header leaves room for
+# dense speech while a model stuck repeating itself stops within the utterance's worth.
+_FINAL_TOKENS_PER_SEC = 10.0
+_FINAL_TOKENS_BASE = 16
+_PREVIOUS_FINAL_CHARS = 200
+
+
+@dataclass(frozen=True, slots=True)
+class StreamingConfig:
+    context: str = ""
+    language: str | None = None
+    unfixed_chunk_num: int = 2
+    unfixed_token_num: int = 5
+    chunk_size_sec: float = 2.0
+    partial_max_tokens: int = 32
+    final_max_tokens: int = 256
+    previous_final_context: bool = True
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+
+    def __post_init__(self) -> None:
+        if self.chunk_size_sec <= 0:
+            raise ValueError(f"chunk_size_sec must be > 0, got {self.chunk_size_sec}")
+        if self.unfixed_chunk_num < 0 or self.unfixed_token_num < 0:
+            raise ValueError(
+                f"unfixed_chunk_num {self.unfixed_chunk_num} and unfixed_token_num "
+                f"{self.unfixed_token_num} must be >= 0"
+            )
+        if self.partial_max_tokens < 1 or self.final_max_tokens < 1:
+            raise ValueError("partial_max_tokens and final_max_tokens must be >= 1")
+
+    @property
+    def chunk_samples(self) -> int:
+        return max(1, round(self.chunk_size_sec * SAMPLE_RATE))
+
+    @property
+    def forced_language(self) -> str | None:
+        return language_name(self.language)
+
+    def final_tokens(self, audio_samples: int) -> int:
+        seconds = audio_samples / SAMPLE_RATE
+        return min(self.final_max_tokens, _FINAL_TOKENS_BASE + math.ceil(seconds * _FINAL_TOKENS_PER_SEC))
+
+
+def rollback_prefix(raw: str, tokenizer: Tokenizer, unfixed_token_num: int) -> str:
+    """The seed's rollback: `raw` minus its last `unfixed_token_num` tokens (at least one token
+    kept), without a trailing U+FFFD left where the cut split a multi-byte character."""
+    if not raw:
+        return ""
+    ids = tokenizer.encode(raw)
+    end = max(1, len(ids) - unfixed_token_num)
+    return tokenizer.decode(ids[:end]).rstrip("\ufffd")
+
+
+def split_partial(text: str, committed_text: str) -> tuple[str, str]:
+    """`stable` = the words of `text` inside the committed prefix (the next decode must repeat
+    them), except a last word the prefix may still extend; `unstable` = the rest."""
+    words = text.split()
+    committed = committed_text.split()
+    if committed and not committed_text[-1:].isspace():
+        committed = committed[:-1]
+    agreed = 0
+    for a, b in zip(committed, words, strict=False):
+        if a != b:
+            break
+        agreed += 1
+    return " ".join(words[:agreed]), " ".join(words[agreed:])
+
+
+@dataclass
+class DecodeStats:
+    """Counters over every leg of one engine (tests and the benchmark read them)."""
+
+    partials_submitted: int = 0
+    partials_completed: int = 0
+    partials_superseded: int = 0  # aborted: a newer chunk or the utterance's final replaced them
+    partials_deferred: int = 0  # chunk boundaries that waited for the partial budget
+    finals_completed: int = 0
+    decode_errors: int = 0
+    prompt_tokens: int = 0
+    audio_tokens: int = 0
+    output_tokens: int = 0
+    legs_refused: int = 0
+    # (request_id, kind, scheduled_at, finished_at) of recent decodes, server clock.
+    recent: deque[tuple[str, DecodeKind, float, float]] = field(default_factory=lambda: deque(maxlen=4096))
+
+    def record(self, request: DecodeRequest, result: DecodeResult) -> None:
+        self.prompt_tokens += result.prompt_tokens
+        self.audio_tokens += result.audio_tokens
+        self.output_tokens += result.output_tokens
+        self.recent.append((request.request_id, request.kind, result.scheduled_at, result.finished_at))
+
+
+class DecodeAdmission:
+    """Shared by all legs: finals go straight to the backend (never dropped, higher
+    priority); partials are admitted while fewer than `partial_budget` are in flight, and
+    the legs waiting for a slot are served round-robin as slots free up. Without priority
+    scheduling in the backend, partials also wait while any final is in flight."""
+
+    def __init__(self, backend: DecodeBackend, partial_budget: int, max_legs: int) -> None:
+        if partial_budget < 1 or max_legs < 1:
+            raise ValueError(f"partial_budget {partial_budget} and max_legs {max_legs} must be >= 1")
+        self.backend = backend
+        self.partial_budget = partial_budget
+        self.max_legs = max_legs
+        self.stats = DecodeStats()
+        self.legs = 0
+        self._partials_in_flight = 0
+        self._finals_in_flight = 0
+        self._waiting: deque[Callable[[], None]] = deque()
+
+    def open_leg(self) -> bool:
+        if self.legs >= self.max_legs:
+            self.stats.legs_refused += 1
+            return False
+        self.legs += 1
+        return True
+
+    def close_leg(self) -> None:
+        self.legs = max(0, self.legs - 1)
+
+    def try_admit_partial(self, wake: Callable[[], None]) -> bool:
+        """Take a partial slot, or queue `wake` to be called when one may be free."""
+        blocked_by_final = not self.backend.priority_scheduling and self._finals_in_flight > 0
+        if self._partials_in_flight < self.partial_budget and not blocked_by_final:
+            self._partials_in_flight += 1
+            return True
+        if wake not in self._waiting:
+            self._waiting.append(wake)
+        return False
+
+    def release_partial(self) -> None:
+        self._partials_in_flight -= 1
+        self._wake_one()
+
+    def withdraw(self, wake: Callable[[], None]) -> None:
+        if wake in self._waiting:
+            self._waiting.remove(wake)
+
+    def _wake_one(self) -> None:
+        if self._waiting:
+            self._waiting.popleft()()
+
+    async def decode_final(self, request: DecodeRequest) -> DecodeResult:
+        self._finals_in_flight += 1
+        try:
+            result = await self.backend.decode(request, FINAL_PRIORITY)
+        finally:
+            self._finals_in_flight -= 1
+            if not self.backend.priority_scheduling:
+                self._wake_one()
+        self.stats.finals_completed += 1
+        self.stats.record(request, result)
+        return result
+
+
+@dataclass
+class _PartialJob:
+    request_id: str
+    utt: int
+    prefix: str
+    start_sample: int
+    end_sample: int  # the audio this partial decodes ends here
+    task: asyncio.Task[DecodeResult | None] | None = None
+    started: bool = False
+
+
+class Qwen3LegStream(LegStream):
+    """One leg: segmenter + partial/final scheduling + prefix rollback. Runs on the event loop."""
+
+    def __init__(
+        self,
+        admission: DecodeAdmission,
+        config: StreamingConfig,
+        detector: SpeechDetector,
+        emit: Emit,
+        name: str,
+    ) -> None:
+        self._admission = admission
+        self._config = config
+        self._language = config.forced_language
+        self._emit = emit
+        self._name = f"{name}/{uuid.uuid4().hex[:8]}"
+        self._segmenter = UtteranceSegmenter(detector, config.segmenter)
+        self._refused = not admission.open_leg()
+        self._closed = False
+        self._ids = itertools.count()
+        # The open utterance.
+        self._chunks_seen = 0  # chunk boundaries crossed so far
+        self._raw = ""  # latest partial hypothesis, raw model output incl. its prefix
+        self._committed = ""  # prefix the next partial must continue from
+        self._partial: _PartialJob | None = None
+        self._pending = False  # a chunk boundary waits for the partial in flight or a slot
+        self._held: Partial | None = None  # a partial that must wait for the previous final
+        # Finals, in order.
+        self._finals: asyncio.Queue[Utterance | None] = asyncio.Queue()
+        self._final_worker: asyncio.Task[None] | None = None
+        self._finals_outstanding = 0
+        self._previous_final = ""
+        if self._refused:
+            # Not synchronously: the leg is still being built when it opens its stream.
+            asyncio.get_running_loop().call_soon(
+                emit,
+                EngineError(
+                    f"engine at capacity: {admission.legs} legs open (max {admission.max_legs}); "
+                    "this leg is not transcribed",
+                    code="capacity",
+                ),
+            )
+
+    @property
+    def name(self) -> str:
+        """Unique per leg stream; every request id of the leg starts with it."""
+        return self._name
+
+    # -- LegStream --------------------------------------------------------------------------
+
+    def feed(self, audio: Audio) -> None:
+        if self._refused or self._closed:
+            return
+        for utterance in self._segmenter.push(audio):
+            self._close_utterance(utterance)
+        self._on_audio()
+
+    async def finish(self) -> None:
+        if self._closed:
+            await self._drain()
+            return
+        self._closed = True
+        if not self._refused:
+            for utterance in self._segmenter.flush():
+                self._close_utterance(utterance)
+            self._cancel_partial()
+            await self._drain()
+            self._admission.close_leg()
+
+    async def settle(self) -> None:
+        """Wait until every decode this leg asked for so far has been emitted (the seed
+        facade and the benchmark use this for the seed's synchronous semantics)."""
+        while self._partial is not None or (self._pending and not self._closed):
+            job = self._partial
+            if job is not None and job.task is not None:
+                await asyncio.wait({job.task})
+            else:
+                await asyncio.sleep(0.005)
+        await self._finals.join()
+
+    # -- partials ---------------------------------------------------------------------------
+
+    def _on_audio(self) -> None:
+        if not self._segmenter.is_open:
+            return
+        boundaries = self._segmenter.open_samples // self._config.chunk_samples
+        if boundaries <= self._chunks_seen:
+            return
+        self._chunks_seen = boundaries
+        job = self._partial
+        if job is not None:
+            if job.started:
+                self._pending = True  # coalesce: the newest audio goes in the next request
+                self._admission.stats.partials_deferred += 1
+                return
+            # Still queued: its audio is already stale, replace it by the newer chunk.
+            self._abort_partial(job)
+        self._request_partial()
+
+    def _request_partial(self) -> None:
+        if self._closed or not self._segmenter.is_open:
+            self._pending = False
+            return
+        if not self._admission.try_admit_partial(self._wake):
+            if not self._pending:
+                self._admission.stats.partials_deferred += 1
+            self._pending = True
+            return
+        self._pending = False
+        chunk_index = self._chunks_seen - 1
+        prefix = self._committed if chunk_index >= self._config.unfixed_chunk_num else ""
+        utt = self._segmenter.open_utt
+        audio = self._segmenter.open_audio()
+        start = self._segmenter.open_start_sample
+        job = _PartialJob(f"{self._name}/u{utt}/p{next(self._ids)}", utt, prefix, start, start + audio.size)
+        request = DecodeRequest(
+            job.request_id,
+            "partial",
+            build_prompt(self._context(), self._language, prefix),
+            audio,
+            self._config.partial_max_tokens,
+        )
+        self._partial = job
+        self._admission.stats.partials_submitted += 1
+        job.task = asyncio.get_running_loop().create_task(self._run_partial(job, request))
+
+    def _wake(self) -> None:
+        if self._pending and self._partial is None:
+            self._request_partial()
+
+    async def _run_partial(self, job: _PartialJob, request: DecodeRequest) -> DecodeResult | None:
+        def started() -> None:
+            job.started = True
+
+        try:
+            result = await self._admission.backend.decode(request, PARTIAL_PRIORITY, started)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._admission.stats.decode_errors += 1
+            log.warning("partial %s failed: %s", request.request_id, exc)
+            result = None
+        finally:
+            self._admission.release_partial()
+            if self._partial is job:
+                self._partial = None
+        if result is not None:
+            self._admission.stats.record(request, result)
+            if result.aborted:
+                self._admission.stats.partials_superseded += 1
+            else:
+                self._admission.stats.partials_completed += 1
+                self._apply_partial(job, result)
+        if self._pending and self._partial is None:
+            self._request_partial()
+        return result
+
+    def _apply_partial(self, job: _PartialJob, result: DecodeResult) -> None:
+        if job.utt != self._segmenter.open_utt or not self._segmenter.is_open:
+            return  # its utterance has ended; the final speaks for it
+        self._raw = job.prefix + result.text
+        rolled = rollback_prefix(self._raw, self._admission.backend.tokenizer, self._config.unfixed_token_num)
+        if rolled.startswith(self._committed):
+            self._committed = rolled
+        parsed = parse_output(self._raw, self._language)
+        committed = parse_output(self._committed, self._language).text if self._committed else ""
+        stable, unstable = split_partial(parsed.text, committed)
+        partial = Partial(job.utt, stable, unstable, _ms(job.start_sample), _ms(job.end_sample))
+        if self._finals_outstanding:
+            self._held = partial
+        else:
+            self._emit(partial)
+
+    def _abort_partial(self, job: _PartialJob) -> None:
+        """Abort the request; its task then returns `aborted` and frees the slot."""
+        if self._partial is job:
+            self._partial = None
+        asyncio.get_running_loop().create_task(self._admission.backend.abort(job.request_id))
+
+    def _cancel_partial(self) -> None:
+        self._pending = False
+        self._admission.withdraw(self._wake)
+        if self._partial is not None:
+            self._abort_partial(self._partial)
+
+    # -- finals -----------------------------------------------------------------------------
+
+    def _close_utterance(self, utterance: Utterance) -> None:
+        self._cancel_partial()
+        self._chunks_seen = 0
+        self._raw = self._committed = ""
+        self._held = None
+        self._finals_outstanding += 1
+        self._finals.put_nowait(utterance)
+        if self._final_worker is None:
+            self._final_worker = asyncio.get_running_loop().create_task(self._run_finals())
+
+    async def _run_finals(self) -> None:
+        while True:
+            utterance = await self._finals.get()
+            try:
+                if utterance is None:
+                    return
+                await self._final(utterance)
+            finally:
+                if utterance is not None:
+                    self._finals_outstanding -= 1
+                self._finals.task_done()
+            if not self._finals_outstanding and self._held is not None:
+                held, self._held = self._held, None
+                if held.utt == self._segmenter.open_utt and self._segmenter.is_open:
+                    self._emit(held)
+
+    async def _final(self, utterance: Utterance) -> None:
+        request = DecodeRequest(
+            f"{self._name}/u{utterance.utt}/final",
+            "final",
+            build_prompt(self._context(), self._language),
+            utterance.audio,
+            self._config.final_tokens(utterance.audio.size),
+        )
+        try:
+            result = await self._admission.decode_final(request)
+        except Exception as exc:
+            self._admission.stats.decode_errors += 1
+            log.warning("final %s failed: %s", request.request_id, exc)
+            self._emit(EngineError(f"final decode failed: {exc}", code="engine", utt=utterance.utt))
+            return
+        parsed = parse_output(result.text, self._language)
+        if parsed.text:
+            self._previous_final = parsed.text
+        self._emit(Final(utterance.utt, parsed.text, utterance.start_ms, utterance.end_ms, parsed.language))
+
+    async def _drain(self) -> None:
+        if self._final_worker is not None:
+            self._finals.put_nowait(None)
+            await self._final_worker
+        while self._partial is not None and self._partial.task is not None:
+            await asyncio.wait({self._partial.task})
+
+    def _context(self) -> str:
+        if not self._config.previous_final_context or not self._previous_final:
+            return self._config.context
+        previous = self._previous_final[-_PREVIOUS_FINAL_CHARS:]
+        return f"{self._config.context}\n{previous}".strip()
+
+
+def _ms(sample: int) -> int:
+    return sample * 1000 // SAMPLE_RATE
+
+
+class Qwen3Engine(Engine):
+    """Qwen3-ASR on any decode backend; subclasses say how the backend starts and stops."""
+
+    name = "qwen3"
+
+    def __init__(
+        self,
+        config: StreamingConfig,
+        detector_factory: Callable[[], SpeechDetector],
+        partial_budget: int = 16,
+        max_legs: int = 256,
+    ) -> None:
+        self.config = config
+        self._detector_factory = detector_factory
+        self._partial_budget = partial_budget
+        self._max_legs = max_legs
+        self._admission: DecodeAdmission | None = None
+
+    def attach(self, backend: DecodeBackend) -> None:
+        self._admission = DecodeAdmission(backend, self._partial_budget, self._max_legs)
+
+    @property
+    def admission(self) -> DecodeAdmission:
+        if self._admission is None:
+            raise EngineUnavailable(f"engine {self.name} is not started")
+        return self._admission
+
+    @property
+    def stats(self) -> DecodeStats:
+        return self.admission.stats
+
+    @property
+    def ready(self) -> bool:
+        return self._admission is not None
+
+    def open_stream(self, call_id: str, leg: str, emit: Emit) -> Qwen3LegStream:
+        return self.open_leg(f"{call_id}/{leg}", emit)
+
+    def open_leg(self, name: str, emit: Emit, config: StreamingConfig | None = None) -> Qwen3LegStream:
+        """A leg with its own streaming parameters (the seed facade's per-state settings)."""
+        return Qwen3LegStream(self.admission, config or self.config, self._detector_factory(), emit, name)

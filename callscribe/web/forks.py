@@ -1,0 +1,105 @@
+"""Websocket routes of the media forks: /fork/asterisk, /fork/freeswitch, /fork/twilio,
+/fork/telnyx, /fork/plivo, /fork/exotel. Auth and per-source limits are decided before the
+socket is accepted (a refused sender gets HTTP 403 and never sends audio)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from starlette.routing import BaseRoute, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from callscribe.bridge.forks import DIALECTS, ForkParser
+from callscribe.bridge.forks.admission import SourceLimit, Verdict, admit
+from callscribe.bridge.forks.endpoint import ForkSession
+
+if TYPE_CHECKING:
+    from callscribe.service import Service
+
+log = logging.getLogger(__name__)
+
+
+class StarletteForkConnection:
+    """ForkConnection over a starlette WebSocket (raw ASGI messages: text and bytes alike)."""
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self.websocket = websocket
+
+    async def receive(self) -> str | bytes | None:
+        try:
+            message = await self.websocket.receive()
+        except (WebSocketDisconnect, RuntimeError):
+            return None
+        if message["type"] == "websocket.disconnect":
+            return None
+        if message.get("bytes") is not None:
+            return bytes(message["bytes"])
+        return str(message.get("text") or "")
+
+    async def send_text(self, text: str) -> None:
+        await self.websocket.send_text(text)
+
+    async def close(self, code: int, reason: str) -> None:
+        if self.websocket.application_state == WebSocketState.CONNECTED:
+            await self.websocket.close(code, reason)
+
+
+def fork_routes(service: Service) -> list[BaseRoute]:
+    limit = SourceLimit(service.settings.fork_max_connections_per_source)
+
+    def endpoint_for(parser_class: type[ForkParser]) -> WebSocketRoute:
+        transport = f"ws-{parser_class.dialect}"
+
+        async def endpoint(websocket: WebSocket) -> None:
+            settings = service.settings
+            source = websocket.client.host if websocket.client else "unknown"
+            query = dict(websocket.query_params)
+            fork_token = settings.fork_auth_token.get_secret_value() if settings.fork_auth_token else None
+            twilio_token = (
+                settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else None
+            )
+            admission = admit(
+                dialect=parser_class.dialect,
+                url=str(websocket.url),
+                headers={k.lower(): v for k, v in websocket.headers.items()},
+                query=query,
+                fork_token=fork_token,
+                twilio_token=twilio_token,
+                in_band_token=parser_class.in_band_token,
+            )
+            if admission.verdict is Verdict.REFUSED:
+                service.metrics.drop(transport, "auth")
+                log.warning("fork %s from %s refused: %s", parser_class.dialect, source, admission.reason)
+                await websocket.close(code=1008, reason=admission.reason)
+                return
+            if not limit.acquire(source):
+                service.metrics.drop(transport, "connection-limit")
+                log.warning(
+                    "fork %s from %s refused: %d connections open (limit %d per source)",
+                    parser_class.dialect,
+                    source,
+                    limit.count(source),
+                    limit.per_source,
+                )
+                await websocket.close(code=1013, reason="too many connections from this source")
+                return
+            try:
+                offered = websocket.scope.get("subprotocols") or []
+                subprotocol = next((p for p in offered if p in parser_class.subprotocols), None)
+                await websocket.accept(subprotocol=subprotocol)
+                session = ForkSession(
+                    parser_class(query),
+                    service.registry,
+                    service.metrics,
+                    max_frame_bytes=settings.fork_max_frame_bytes,
+                    peer=source,
+                    start_token=fork_token if admission.verdict is Verdict.TOKEN_IN_START else None,
+                )
+                await session.run(StarletteForkConnection(websocket))
+            finally:
+                limit.release(source)
+
+        return WebSocketRoute(f"/fork/{parser_class.dialect}", endpoint)
+
+    return [endpoint_for(parser_class) for parser_class in DIALECTS.values()]

@@ -1,0 +1,122 @@
+"""WHIP endpoints (RFC 9725): POST /whip with an SDP offer, DELETE /whip/{session} to hang up.
+
+Which call and leg a session feeds comes from query parameters or headers, because WHIP clients
+(browsers, OBS, GStreamer whipsink) can set a URL and usually a bearer token, rarely a body:
+`call_id` / `X-Callscribe-Call-Id` (a new id when absent), `leg` / `X-Callscribe-Leg` (comma-separated
+names for several audio tracks, in m-line order; default `caller`), and any `meta.<key>` query
+parameter becomes leg metadata.
+"""
+
+from __future__ import annotations
+
+import hmac
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from callscribe.bridge.webrtc import WhipError, WhipIngest
+from callscribe.calls import AtCapacity, LegConflict
+from callscribe.web.app import error
+
+if TYPE_CHECKING:
+    from callscribe.service import Service
+
+MAX_OFFER_BYTES = 64 * 1024
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:@+")
+
+
+def _checked_name(kind: str, value: str, max_len: int = 128) -> str:
+    """Ids end up in Redis keys and on the dashboard: keep them printable and short."""
+    if not value or len(value) > max_len or not set(value) <= _NAME_CHARS:
+        raise ValueError(f"{kind} {value[:max_len]!r} must be 1-{max_len} characters of [A-Za-z0-9-_.:@+]")
+    return value
+
+
+def session_params(request: Request) -> tuple[str, list[str], dict[str, Any]]:
+    """(call_id, leg names, meta) of a WHIP request; ValueError names the bad parameter."""
+    query, headers = request.query_params, request.headers
+    call_id = query.get("call_id") or headers.get("x-callscribe-call-id") or uuid.uuid4().hex
+    legs_text = query.get("leg") or headers.get("x-callscribe-leg") or "caller"
+    legs = [_checked_name("leg", name.strip()) for name in legs_text.split(",")]
+    if len(set(legs)) != len(legs):
+        raise ValueError(f"leg names {legs_text!r} repeat a name")
+    meta: dict[str, Any] = {key[5:]: value for key, value in query.items() if key.startswith("meta.")}
+    if request.headers.get("user-agent"):
+        meta.setdefault("user_agent", request.headers["user-agent"][:200])
+    return _checked_name("call_id", call_id), legs, meta
+
+
+def authorized(request: Request, token: str | None) -> bool:
+    if token is None:
+        return True
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), token.encode())
+
+
+def whip_routes(service: Service) -> list[BaseRoute]:
+    ingest: WhipIngest = service.whip
+    token = service.settings.whip_token.get_secret_value() if service.settings.whip_token else None
+
+    def unauthorized() -> Response:
+        response = error(401, "a valid 'Authorization: Bearer <token>' header is required")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="callscribe-whip"'
+        return response
+
+    async def offer(request: Request) -> Response:
+        if not authorized(request, token):
+            return unauthorized()
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "application/sdp":
+            return error(415, f"content type {content_type or 'none'!r} is not application/sdp")
+        body = await request.body()
+        if len(body) > MAX_OFFER_BYTES:
+            return error(413, f"SDP offer of {len(body)} bytes exceeds {MAX_OFFER_BYTES}")
+        try:
+            call_id, legs, meta = session_params(request)
+            session, answer = await ingest.publish(body.decode("utf-8", "replace"), call_id, legs, meta)
+        except WhipError as exc:
+            return error(exc.status, str(exc))
+        except LegConflict as exc:  # a ValueError too: catch it first
+            return error(409, str(exc))
+        except ValueError as exc:
+            return error(400, str(exc))
+        except AtCapacity as exc:
+            return error(503, str(exc))
+        location = f"/whip/{session.session_id}"
+        return Response(
+            answer,
+            status_code=201,
+            media_type="application/sdp",
+            headers={
+                "Location": location,
+                "X-Callscribe-Call-Id": session.call_id,
+                "X-Callscribe-Legs": ",".join(leg.name for leg in session.legs),
+            },
+        )
+
+    async def hangup(request: Request) -> Response:
+        if not authorized(request, token):
+            return unauthorized()
+        session_id = request.path_params["session_id"]
+        if not await ingest.end(session_id, "hangup"):
+            return error(404, f"no WHIP session {session_id!r}")
+        await service.publisher.wait_flushed(timeout=10.0)
+        return Response(status_code=200)
+
+    async def trickle(request: Request) -> Response:
+        # RFC 9725 §4.3.1: a server without trickle ICE answers PATCH with 405; the answer
+        # already holds every candidate.
+        return error(405, "trickle ICE is not supported; the SDP answer carries all candidates")
+
+    async def options(request: Request) -> Response:
+        return Response(status_code=204, headers={"Accept-Post": "application/sdp"})
+
+    return [
+        Route("/whip", offer, methods=["POST"]),
+        Route("/whip", options, methods=["OPTIONS"]),
+        Route("/whip/{session_id}", hangup, methods=["DELETE"]),
+        Route("/whip/{session_id}", trickle, methods=["PATCH"]),
+    ]

@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Transcribe live Asterisk calls with callscribe through ARI ExternalMedia (RTP).
+
+For every channel that enters the Stasis application `callscribe` (see extensions.conf,
+[callscribe-ari]) this script:
+  1. asks callscribe for two RTP ports: POST /v1/legs {"call_id", "leg": "caller"|"agent"},
+  2. snoops the channel twice (spy=in: what the caller says; spy=out: what the caller hears,
+     the agent side), bridges each snoop with an ExternalMedia channel that sends μ-law RTP
+     to the port callscribe gave,
+  3. sends the channel on to the dialplan ([callscribe-continue]) so the call goes ahead,
+  4. when the channel hangs up, tears the snoops down and DELETEs the legs (their last
+     finals are published before callscribe answers 204).
+
+ExternalMedia RTP has no call id on the wire: callscribe knows each leg by the port it handed
+out. Needs only the Python standard library and `websockets` (installed with callscribe).
+
+    CALLSCRIBE_URL=http://127.0.0.1:8080 ARI_URL=http://127.0.0.1:8088 \
+    ARI_USER=callscribe ARI_PASSWORD=change-me python3 ari_external_media.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.asyncio.client import connect
+
+CALLSCRIBE = os.environ.get("CALLSCRIBE_URL", "http://127.0.0.1:8080")
+ARI = os.environ.get("ARI_URL", "http://127.0.0.1:8088")
+ARI_USER = os.environ.get("ARI_USER", "callscribe")
+ARI_PASSWORD = os.environ.get("ARI_PASSWORD", "change-me")
+APP = os.environ.get("ARI_APP", "callscribe")
+CONTINUE_CONTEXT = os.environ.get("ARI_CONTINUE_CONTEXT", "callscribe-continue")
+# Channels this script creates enter Stasis with this argument and are not transcribed.
+INTERNAL = "callscribe-internal"
+DIRECTIONS = (("caller", "in"), ("agent", "out"))
+
+log = logging.getLogger("callscribe-ari")
+
+
+def http(method: str, url: str, body: dict[str, Any] | None = None, auth: str | None = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    with urllib.request.urlopen(request, timeout=10) as response:
+        payload = response.read()
+    return json.loads(payload) if payload else None
+
+
+def ari(method: str, path: str, **params: str) -> Any:
+    query = urllib.parse.urlencode(params)
+    return http(
+        method, f"{ARI}/ari/{path}" + (f"?{query}" if query else ""), auth=f"{ARI_USER}:{ARI_PASSWORD}"
+    )
+
+
+@dataclass
+class Transcription:
+    channel_id: str
+    leg_ids: list[str] = field(default_factory=list)
+    channels: list[str] = field(default_factory=list)
+    bridges: list[str] = field(default_factory=list)
+
+
+def start(channel: dict[str, Any]) -> Transcription:
+    call_id = channel["id"]
+    meta = {
+        "caller": channel.get("caller", {}).get("number", ""),
+        "exten": channel.get("dialplan", {}).get("exten", ""),
+    }
+    job = Transcription(call_id)
+    for leg, spy in DIRECTIONS:
+        reserved = http(
+            "POST", f"{CALLSCRIBE}/v1/legs", {"call_id": call_id, "leg": leg, "codec": "pcmu", "meta": meta}
+        )
+        job.leg_ids.append(reserved["leg_id"])
+        snoop = ari("POST", f"channels/{call_id}/snoop", spy=spy, whisper="none", app=APP, appArgs=INTERNAL)
+        media = ari(
+            "POST",
+            "channels/externalMedia",
+            app=APP,
+            data=INTERNAL,
+            external_host=f"{reserved['rtp_host']}:{reserved['rtp_port']}",
+            format="ulaw",
+            encapsulation="rtp",
+            transport="udp",
+            direction="both",
+        )
+        bridge = ari("POST", "bridges", type="mixing", name=f"callscribe-{call_id}-{leg}")
+        ari("POST", f"bridges/{bridge['id']}/addChannel", channel=f"{snoop['id']},{media['id']}")
+        job.channels += [snoop["id"], media["id"]]
+        job.bridges.append(bridge["id"])
+        log.info("call %s leg %s → %s:%s", call_id, leg, reserved["rtp_host"], reserved["rtp_port"])
+    exten = channel.get("dialplan", {}).get("exten", "s")
+    ari("POST", f"channels/{call_id}/continue", context=CONTINUE_CONTEXT, extension=exten, priority="1")
+    return job
+
+
+def stop(job: Transcription) -> None:
+    for channel_id in job.channels:
+        with contextlib.suppress(Exception):  # already gone with the call
+            ari("DELETE", f"channels/{channel_id}")
+    for bridge_id in job.bridges:
+        with contextlib.suppress(Exception):
+            ari("DELETE", f"bridges/{bridge_id}")
+    for leg_id in job.leg_ids:
+        try:
+            http("DELETE", f"{CALLSCRIBE}/v1/legs/{leg_id}")  # returns once the last final is out
+        except Exception as exc:
+            log.warning("leg %s: %s", leg_id, exc)
+    log.info("call %s done", job.channel_id)
+
+
+async def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    events_url = (
+        ARI.replace("http", "ws", 1)
+        + "/ari/events?"
+        + urllib.parse.urlencode({"app": APP, "api_key": f"{ARI_USER}:{ARI_PASSWORD}"})
+    )
+    jobs: dict[str, Transcription] = {}
+    async with connect(events_url) as events:
+        log.info("listening for calls in Stasis(%s)", APP)
+        async for message in events:
+            event = json.loads(message)
+            kind, channel = event.get("type"), event.get("channel") or {}
+            if kind == "StasisStart" and INTERNAL not in event.get("args", []):
+                try:
+                    jobs[channel["id"]] = await asyncio.to_thread(start, channel)
+                except Exception:
+                    log.exception("could not transcribe %s", channel.get("id"))
+            elif kind == "ChannelDestroyed" and channel.get("id") in jobs:
+                await asyncio.to_thread(stop, jobs.pop(channel["id"]))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,122 @@
+"""Asterisk AudioSocket end to end: a raw TCP client sends what AudioSocket() sends."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import uuid
+
+import redis.asyncio as aioredis
+
+from callscribe.events import EventType
+from tests.conftest import ServiceFactory
+from tests.fork_senders import assert_heard, at_rate, audiosocket_stream, with_silence
+from tests.support import finals_text, load_clip, read_call_events
+
+
+async def send_tcp(port: int, chunks: list[bytes], interval_s: float, close_abruptly: bool = False) -> None:
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    loop = asyncio.get_running_loop()
+    begin = loop.time()
+    for index, chunk in enumerate(chunks):
+        writer.write(chunk)
+        await writer.drain()
+        delay = begin + (index + 1) * interval_s - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+    if close_abruptly:
+        writer.transport.abort()
+        return
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_audiosocket_call_at_real_time(
+    make_service: ServiceFactory, redis: aioredis.Redis, key_prefix: str
+) -> None:
+    clip = load_clip("librivox-0880")
+    call = uuid.uuid4()
+    async with make_service() as svc:
+        frames = audiosocket_stream(call, with_silence(at_rate(clip, 8000), 8000), digits="42")
+        await send_tcp(svc.audiosocket.port, frames, 0.02)
+        events = await read_call_events(redis, key_prefix, str(call))
+    legs = {e.leg for e in events if e.type == EventType.LEG_STARTED}
+    assert legs == {"caller"}
+    assert [e.text for e in events if e.type == EventType.DTMF] == ["4", "2"]
+    ended = next(e for e in events if e.type == EventType.LEG_ENDED)
+    assert ended.meta["reason"] == "hangup"
+    assert_heard(finals_text(events, "caller"), clip.reference)
+
+
+async def test_frames_split_into_tiny_segments_and_abrupt_disconnect(
+    make_service: ServiceFactory, redis: aioredis.Redis, key_prefix: str
+) -> None:
+    clip = load_clip("librivox-0890")
+    call = uuid.uuid4()
+    async with make_service() as svc:
+        stream = b"".join(audiosocket_stream(call, with_silence(at_rate(clip, 8000), 8000))[:-1])  # no hangup
+        # Segments of 1..7 bytes: every frame header and payload arrives cut somewhere.
+        sizes = [1 + i % 7 for i in range(len(stream))]
+        chunks, at = [], 0
+        for size in sizes:
+            if at >= len(stream):
+                break
+            chunks.append(stream[at : at + size])
+            at += size
+        # Many tiny writes as fast as TCP takes them, then the peer vanishes without a hangup.
+        await send_tcp(svc.audiosocket.port, chunks, 0.0, close_abruptly=True)
+        events = await read_call_events(redis, key_prefix, str(call))
+    ended = next(e for e in events if e.type == EventType.LEG_ENDED)
+    assert ended.meta["reason"] == "disconnect"
+    assert_heard(finals_text(events, "caller"), clip.reference)
+
+
+async def test_garbage_connections_do_not_disturb_a_call(
+    make_service: ServiceFactory, redis: aioredis.Redis, key_prefix: str
+) -> None:
+    clip = load_clip("librivox-0880")
+    call = uuid.uuid4()
+    async with make_service() as svc:
+        port = svc.audiosocket.port
+        good = asyncio.create_task(
+            send_tcp(port, audiosocket_stream(call, with_silence(at_rate(clip, 8000), 8000)), 0.005)
+        )
+        # Audio before the UUID: refused.
+        await send_tcp(port, [struct.pack("!BH", 0x10, 4) + b"\x00" * 4], 0.0)
+        # An HTTP request on the AudioSocket port: refused.
+        await send_tcp(port, [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"], 0.0)
+        # A valid call with unknown kinds and an empty audio frame: dropped, counted.
+        other = uuid.uuid4()
+        odd = [struct.pack("!BH", 0x01, 16) + other.bytes, struct.pack("!BH", 0x42, 2) + b"??",
+               struct.pack("!BH", 0x10, 0), struct.pack("!BH", 0x00, 0)]  # fmt: skip
+        await send_tcp(port, odd, 0.0)
+        await good
+        events = await read_call_events(redis, key_prefix, str(call))
+        assert svc.metrics.dropped("audiosocket", "protocol-error") == 2
+        assert svc.metrics.dropped("audiosocket", "unknown-kind") == 1
+        assert svc.metrics.dropped("audiosocket", "empty") == 1
+    assert_heard(finals_text(events, "caller"), clip.reference)
+
+
+async def test_duplicate_uuid_and_connection_limit(make_service: ServiceFactory) -> None:
+    call = uuid.uuid4()
+    async with make_service(fork_max_connections_per_source=2) as svc:
+        port = svc.audiosocket.port
+        first = await asyncio.open_connection("127.0.0.1", port)
+        first[1].write(struct.pack("!BH", 0x01, 16) + call.bytes)
+        await first[1].drain()
+        # Same UUID again while the first is live: refused with a hangup frame.
+        second = await asyncio.open_connection("127.0.0.1", port)
+        second[1].write(struct.pack("!BH", 0x01, 16) + call.bytes)
+        await second[1].drain()
+        assert await asyncio.wait_for(second[0].read(), 5) == b"\x00\x00\x00"
+        second[1].close()
+        # Two connections from one source are the limit: a third is closed at once.
+        holder = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.sleep(0.1)
+        third = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(third[0].read(), 5) == b""
+        assert svc.metrics.dropped("audiosocket", "connection-limit") == 1
+        assert svc.metrics.dropped("audiosocket", "refused") == 1
+        for _reader, writer in (first, holder, third):
+            writer.close()

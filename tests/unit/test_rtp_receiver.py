@@ -1,0 +1,156 @@
+"""RtpLegReceiver: payload types, loss concealment by timestamp, DTMF, SSRC latching."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from callscribe.bridge.rtp import Audio, Drop, Dtmf, LegEvent, RtpLegReceiver, RtpPacket
+from callscribe.codecs import encoder_for, spec_by_name
+from callscribe.codecs.dtmf import TelephoneEvent
+
+TONE = (np.sin(np.arange(160) / 3) * 8000).astype(np.int16)
+ULAW = encoder_for(spec_by_name("pcmu")).encode(TONE)
+
+
+def rtp(seq: int, ts: int, payload: bytes = ULAW, pt: int = 0, ssrc: int = 0xABC) -> bytes:
+    return RtpPacket(pt, seq % 65536, ts % 2**32, ssrc, payload).serialize()
+
+
+def audio_samples(events: list[LegEvent]) -> int:
+    return sum(e.pcm.size for e in events if isinstance(e, Audio))
+
+
+def drops(events: list[LegEvent]) -> list[str]:
+    return [e.reason for e in events if isinstance(e, Drop)]
+
+
+def test_in_order_pcmu_is_decoded_at_once() -> None:
+    rx = RtpLegReceiver("pcmu")
+    events = rx.receive(rtp(1, 1000), 0.0)
+    assert len(events) == 1 and isinstance(events[0], Audio)
+    assert events[0].rate == 8000 and events[0].pcm.size == 160
+    assert np.max(np.abs(events[0].pcm.astype(int) - TONE)) < 300
+
+
+def test_loss_is_concealed_so_leg_time_stays_true() -> None:
+    rx = RtpLegReceiver("pcmu", jitter_ms=60)
+    events: list[LegEvent] = []
+    now = 0.0
+    for n in range(50):
+        now = n * 0.02
+        if n in (10, 11, 30):
+            continue  # lost in the network
+        events += rx.receive(rtp(n, 160 * n), now)
+        events += rx.poll(now)
+    events += rx.flush()
+    assert audio_samples(events) == 50 * 160
+    assert rx.concealed_samples == 3 * 160
+    assert rx.lost == 3
+
+
+def test_reordered_packets_keep_their_place() -> None:
+    rx = RtpLegReceiver("pcmu", jitter_ms=60)
+    marked = [encoder_for(spec_by_name("pcmu")).encode(np.full(160, 1000 * k, np.int16)) for k in range(4)]
+    events = rx.receive(rtp(0, 0, marked[0]), 0.0)
+    events += rx.receive(rtp(2, 320, marked[2]), 0.02)
+    events += rx.receive(rtp(1, 160, marked[1]), 0.03)
+    events += rx.receive(rtp(3, 480, marked[3]), 0.04)
+    levels = [round(float(np.median(e.pcm)) / 1000) for e in events if isinstance(e, Audio)]
+    assert levels == [0, 1, 2, 3]
+    assert rx.concealed_samples == 0
+
+
+def test_payload_type_map_switch_and_declared_codec() -> None:
+    rx = RtpLegReceiver("l16-16k", payload_types={111: "opus", 118: "l16-8k"})
+    opus = encoder_for(spec_by_name("opus")).encode(np.zeros(960, np.int16))
+    events = rx.receive(rtp(1, 0, opus, pt=111), 0.0)
+    assert [(e.rate, e.pcm.size) for e in events if isinstance(e, Audio)] == [(48000, 960)]
+    events = rx.receive(rtp(2, 960, b"\x00\x01" * 80, pt=118), 0.02)  # switch mid-stream
+    assert [(e.rate, e.pcm.size) for e in events if isinstance(e, Audio)] == [(8000, 80)]
+    events = rx.receive(rtp(3, 1040, ULAW, pt=0), 0.04)  # static PT
+    assert [(e.rate, e.pcm.size) for e in events if isinstance(e, Audio)] == [(8000, 160)]
+    events = rx.receive(rtp(4, 2000, b"\x00\x01" * 320, pt=99), 0.06)  # unmapped dynamic → declared
+    assert [(e.rate, e.pcm.size) for e in events if isinstance(e, Audio)] == [(16000, 320)]
+
+
+def test_g722_timestamps_are_half_the_samples() -> None:
+    rx = RtpLegReceiver("pcmu")
+    g722 = encoder_for(spec_by_name("g722")).encode(np.zeros(320, np.int16))
+    events = rx.receive(rtp(1, 0, g722, pt=9), 0.0)
+    events += rx.receive(rtp(3, 320, g722, pt=9), 0.02)  # one packet (160 ticks) lost
+    events += rx.flush()
+    assert audio_samples(events) == 3 * 320
+
+
+def test_unknown_and_bad_payloads_are_dropped_with_reasons() -> None:
+    rx = RtpLegReceiver("pcmu")
+    events = rx.receive(rtp(1, 0, pt=3), 0.0)  # GSM: no decoder
+    events += rx.receive(rtp(2, 160, b"\x00", pt=13), 0.01)  # comfort noise
+    events += rx.receive(rtp(3, 320, b"", pt=0), 0.02)
+    events += rx.receive(b"\x80\xc8" + bytes(26), 0.03)  # RTCP sender report (rtcp-mux)
+    events += rx.receive(b"\x40" + bytes(20), 0.04)
+    events += rx.receive(rtp(4, 480, b"\x01\x02\x03", pt=118), 0.05)  # dynamic → pcmu is fine
+    assert drops(events) == ["unknown_payload_type", "comfort_noise", "empty_payload", "rtcp", "bad_version"]
+    rx2 = RtpLegReceiver("l16")
+    assert drops(rx2.receive(rtp(1, 0, b"\x00\x01\x02", pt=96), 0.0)) == ["undecodable"]
+
+
+def test_dtmf_events_once_per_press() -> None:
+    rx = RtpLegReceiver("pcmu", dtmf_payload_type=101)
+    events: list[LegEvent] = []
+    seq = 0
+    for duration, end in [(160, False), (320, False), (640, True), (640, True), (640, True)]:
+        payload = TelephoneEvent.for_digit("5", end, duration).serialize()
+        events += rx.receive(rtp(seq, 8000, payload, pt=101), seq * 0.02)
+        seq += 1
+    assert [e for e in events if isinstance(e, Dtmf)] == [Dtmf("5", 80)]
+    assert drops(rx.receive(rtp(seq, 9000, b"\x01", pt=101), 1.0)) == ["bad_dtmf"]
+
+
+def test_absurd_timestamp_jump_is_capped_and_counted() -> None:
+    rx = RtpLegReceiver("pcmu", max_gap_ms=1000)
+    events = rx.receive(rtp(1, 0), 0.0)
+    events += rx.receive(rtp(2, 2**31 - 5), 0.02)
+    assert drops(events) == ["timestamp_jump"]
+    assert audio_samples(events) == 160 + 8000 + 160
+    # Silence suppression within the cap is real time and is filled exactly.
+    events = rx.receive(rtp(3, 2**31 - 5 + 160 + 4000), 0.5)
+    assert audio_samples(events) == 4000 + 160 and not drops(events)
+
+
+def test_ssrc_is_latched_and_taken_over_only_after_silence() -> None:
+    rx = RtpLegReceiver("pcmu", ssrc_takeover_ms=250)
+    rx.receive(rtp(1, 0, ssrc=1), 0.0)
+    assert drops(rx.receive(rtp(500, 0, ssrc=2), 0.1)) == ["ssrc_conflict"]
+    rx.receive(rtp(2, 160, ssrc=1), 0.12)
+    assert drops(rx.receive(rtp(501, 0, ssrc=2), 0.3)) == ["ssrc_conflict"]
+    events = rx.receive(rtp(502, 777, ssrc=2), 0.4)  # ssrc 1 silent for 280 ms
+    assert audio_samples(events) == 160 and rx.ssrc == 2 and rx.ssrc_changes == 1
+    assert drops(rx.receive(rtp(3, 320, ssrc=1), 0.45)) == ["ssrc_conflict"]
+    # The new stream has its own numbering: in order from 502 on, nothing concealed.
+    events = rx.receive(rtp(503, 937, ssrc=2), 0.42)
+    assert audio_samples(events) == 160 and rx.concealed_samples == 0
+
+
+def test_sequence_and_timestamp_wrap_together() -> None:
+    rx = RtpLegReceiver("pcmu")
+    events: list[LegEvent] = []
+    for n in range(10):
+        events += rx.receive(rtp(65530 + n, 2**32 - 800 + 160 * n), n * 0.02)
+    assert audio_samples(events) == 1600 and not drops(events)
+
+
+def test_batching_joins_packets_and_poll_releases_old_audio() -> None:
+    rx = RtpLegReceiver("pcmu", batch_ms=60)
+    assert rx.receive(rtp(1, 0), 0.00) == []
+    assert rx.receive(rtp(2, 160), 0.02) == []
+    events = rx.receive(rtp(3, 320), 0.04)
+    assert [(e.rate, e.pcm.size) for e in events if isinstance(e, Audio)] == [(8000, 480)]
+    assert rx.receive(rtp(4, 480), 0.06) == []
+    assert rx.poll(0.10) == []
+    assert audio_samples(rx.poll(0.12)) == 160  # waited the batch time
+    rx.receive(rtp(5, 640), 0.14)
+    digit = TelephoneEvent.for_digit("3", True, 800).serialize()
+    events = rx.receive(rtp(6, 800, digit, pt=101), 0.16)
+    # Audio before the digit comes out first, so the digit is stamped after it.
+    assert [type(e).__name__ for e in events] == ["Audio", "Dtmf"]
