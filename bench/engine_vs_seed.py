@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CALLSCRIBE_SHARED", REPO.parent / "shared"))
 SAMPLE_RATE = 16000
 CLIPS = ("librivox-0870", "librivox-0880", "librivox-0890")
+_SHIM_GLOBALS: dict[str, Any] = {}
 
 
 def prepare_cpu_vllm() -> None:
@@ -46,7 +47,8 @@ def prepare_cpu_vllm() -> None:
     shim = SHARED / "tools" / "vllm_cpu_shim"
     if shim.is_dir() and str(shim) not in os.environ.get("PYTHONPATH", ""):
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [str(shim), os.environ.get("PYTHONPATH")] if p)
-        runpy.run_path(str(shim / "sitecustomize.py"))
+        # Keep its globals: the torch.library object it creates must outlive this call.
+        _SHIM_GLOBALS.update(runpy.run_path(str(shim / "sitecustomize.py")))
 
 
 def load_speech() -> np.ndarray:
@@ -210,7 +212,9 @@ async def run(args: argparse.Namespace) -> None:
 
     long_sec, legs_n, leg_sec = (60.0, 16, 20.0) if args.quick else (300.0, 16, 60.0)
     speech = load_speech()
-    engine_args = {"max_num_seqs": 32, "max_model_len": 8192}
+    # The seed's prompts grow to the whole leg (5 min: ~3900 audio tokens plus the prefix),
+    # beyond vLLM's default encoder cache (2048 tokens): raise it so the seed can run at all.
+    engine_args = {"max_num_seqs": 32, "max_model_len": 8192, "max_num_batched_tokens": 8192}
     if args.model is None:
         engine_args |= {"load_format": "dummy", "dtype": "float32", "enforce_eager": True}
     for item in args.vllm_arg:
@@ -224,7 +228,10 @@ async def run(args: argparse.Namespace) -> None:
         runpy.run_path(str(SHARED / "tools" / "make_tiny_qwen3_asr.py"), run_name="__not_main__")["main"](
             Path(model)
         )
-    config = StreamingConfig(partial_max_tokens=args.max_tokens)
+    # Random weights never stop on their own, so output lengths are the caps: partials and
+    # seed decodes get the same cap; finals a realistic length for the utterance.
+    final_rate = args.final_tokens_per_sec or (5.0 if args.model is None else 10.0)
+    config = StreamingConfig(partial_max_tokens=args.max_tokens, final_tokens_per_sec=final_rate)
     engine = LocalQwen3Engine(model, engine_args, config)
     t0 = time.monotonic()
     await engine.start()
@@ -299,6 +306,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 min long leg, 16 legs x 20 s (under 5 min)")
     parser.add_argument("--model", help="model path or hub id (default: the tiny random-weight model)")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per partial, both sides")
+    parser.add_argument(
+        "--final-tokens-per-sec",
+        type=float,
+        help="final length cap per second of utterance (default 5 on the tiny model, as real Qwen3-ASR "
+        "writes ~3-5; with --model 10, the engine's own cap)",
+    )
     parser.add_argument(
         "--vllm-arg", action="append", default=[], metavar="KEY=JSON", help="extra engine arg"
     )

@@ -121,6 +121,18 @@ def run(name: str, legs: int, packets: list[bytes], per_packet: Callable[[int, b
     return Stage(name, cpu, legs * len(packets), legs * len(packets) * PTIME_S)
 
 
+def call_overhead_ns() -> float:
+    """Cost of one empty Python call here: compare runs across machines with it."""
+
+    def nothing(value: int) -> int:
+        return value
+
+    start = time.process_time()
+    for n in range(1_000_000):
+        nothing(n)
+    return (time.process_time() - start) * 1000
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -135,7 +147,10 @@ def main() -> None:
     legs = args.legs
     stages: list[Stage] = []
 
-    stages.append(run("parse", legs, packets, lambda leg, data, now: RtpPacket.parse(data) and None))
+    def parse(leg: int, data: bytes, now: float) -> None:
+        RtpPacket.parse(data)
+
+    stages.append(run("parse", legs, packets, parse))
 
     def new_receivers(batch_ms: int) -> list[RtpLegReceiver]:
         return [RtpLegReceiver("pcmu", jitter_ms=60, batch_ms=batch_ms) for _ in range(legs)]
@@ -183,6 +198,7 @@ def main() -> None:
     expected = legs * len(packets) * PTIME_S
 
     print(f"{legs} legs × {args.seconds:.0f} s of μ-law speech, 20 ms packets, {args.reorder:.0%} reordered")
+    print(f"this machine: {call_overhead_ns():.0f} ns per empty Python call (compare machines by it)")
     print(f"{'stage':<30}{'µs/packet':>10}{'x real time':>13}{'legs/core':>11}")
     for stage in stages:
         print(

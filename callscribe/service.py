@@ -114,7 +114,7 @@ class Service:
         from callscribe.web.dashboard import Dashboard, dashboard_routes
         from callscribe.web.whip import whip_routes
 
-        self.whip = WhipIngest(self.registry, self.metrics)
+        self.whip = WhipIngest(self.registry, self.metrics, self.settings.leg_idle_timeout_sec)
         self.dashboard = Dashboard(self.settings, self.metrics)
         self.components += [self.whip, self.dashboard]
         self.route_factories += [whip_routes, dashboard_routes]

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from callscribe.engine.base import Engine
 from callscribe.service import Service
 from callscribe.settings import Settings
 from tests.support import free_port, free_port_range
@@ -43,10 +44,11 @@ ServiceFactory = Callable[..., AbstractAsyncContextManager[Service]]
 
 @pytest.fixture
 def make_service(key_prefix: str) -> ServiceFactory:
-    """`async with make_service(jitter_ms=40) as svc:` a real bridge on free ports."""
+    """`async with make_service(jitter_ms=40) as svc:` a real bridge on free ports.
+    `engine=` runs it on an engine the test already started (e.g. the session's vLLM)."""
 
     @asynccontextmanager
-    async def factory(**overrides: Any) -> AsyncIterator[Service]:
+    async def factory(engine: Engine | None = None, **overrides: Any) -> AsyncIterator[Service]:
         values: dict[str, Any] = {
             "redis_url": REDIS_URL,
             "key_prefix": key_prefix,
@@ -56,7 +58,7 @@ def make_service(key_prefix: str) -> ServiceFactory:
             "audiosocket_port": 0,  # any free TCP port: svc.audiosocket.port
         }
         values.update(overrides)
-        async with Service(Settings(**values)) as service:
+        async with Service(Settings(**values), engine=engine) as service:
             yield service
 
     return factory

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import jiwer
 import numpy as np
 import numpy.typing as npt
 import soxr
@@ -242,13 +243,10 @@ def exotel_stream(call_sid: str, pcm8k: Pcm) -> list[str]:
     return [*out, json.dumps({"event": "stop", "sequence_number": str(len(out)), "stream_sid": stream_sid})]
 
 
-def assert_heard(text: str, reference: str, at_least: float = 0.5) -> None:
-    """Most reference words were recognised (the phone path and the small embedded model
-    lose some; a wrong leg or a lost utterance loses nearly all)."""
-    words = reference.lower().split()
-    heard = set(text.lower().split())
-    found = sum(word in heard for word in words)
-    assert found >= at_least * len(words), f"heard {text!r}; expected most of {reference!r}"
+def assert_heard(text: str, reference: str, max_wer: float = 0.5) -> None:
+    """The leg's finals match the clip: a wrong leg, a lost or garbled utterance fails."""
+    wer = float(jiwer.wer(reference, text)) if text else 1.0
+    assert wer <= max_wer, f"WER {wer:.2f} > {max_wer}: heard {text!r} for {reference!r}"
 
 
 async def replay(send: Any, messages: Sequence[str | bytes], interval_s: float) -> None:

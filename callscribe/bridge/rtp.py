@@ -28,8 +28,8 @@ COMFORT_NOISE_PT = 13  # RFC 3389: the sender went quiet; the timestamp gap is c
 class RtpError(ValueError):
     """A datagram that is not a valid RTP packet. `reason` is a short metric label."""
 
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
 
 

@@ -11,6 +11,7 @@ their last finals).
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -51,12 +52,20 @@ log = logging.getLogger(__name__)
 
 ACCEPTED_BODIES = "application/sdp, multipart/mixed, application/rs-metadata+xml"
 PLAIN_CALL_LEG = "caller"
+# A PBX forking each side of a call as its own SIP call (Asterisk ChanSpy, FreeSWITCH
+# eavesdrop) names the side and joins them into one callscribe call with these headers.
+LEG_HEADER = "X-Callscribe-Leg"
+CALL_ID_HEADER = "X-Callscribe-Call-ID"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}$")
 
 
 class ReservedLeg(Protocol):
-    leg_id: str
-    rtp_host: str
-    rtp_port: int
+    @property
+    def leg_id(self) -> str: ...
+    @property
+    def rtp_host(self) -> str: ...
+    @property
+    def rtp_port(self) -> int: ...
 
 
 class RtpPorts(Protocol):
@@ -67,11 +76,11 @@ class RtpPorts(Protocol):
         call_id: str,
         leg: str,
         codec: str,
-        meta: dict[str, Any],
+        meta: dict[str, Any] | None = None,
         payload_types: dict[int, str] | None = None,
     ) -> ReservedLeg: ...
 
-    async def release(self, leg_id: str) -> None: ...
+    async def release(self, leg_id: str) -> object: ...
 
 
 class Rejected(Exception):
@@ -105,6 +114,7 @@ class SipSession:
     last_answer: bytes = b""
     dialog_id: str | None = None
     our_offer: SessionDescription | None = None
+    leg: str = PLAIN_CALL_LEG
 
 
 class SipCallHandler:
@@ -213,6 +223,7 @@ class SipCallHandler:
         self._admit(event)
         request = event.request
         session = SipSession(call_id=request.call_id, siprec=False, meta={})
+        session.call_id, session.leg = self._chosen_names(request)
         self._setting_up[event.txn_id] = session
         try:
             if not request.body:
@@ -239,6 +250,28 @@ class SipCallHandler:
             raise
         finally:
             self._setting_up.pop(event.txn_id, None)
+
+    def _full(self, exc: Exception) -> Rejected:
+        return Rejected(
+            503,
+            f"Service Unavailable ({exc})"[:160],
+            [("Retry-After", str(self.settings.sip_retry_after_sec))],
+        )
+
+    @staticmethod
+    def _chosen_names(request: SipRequest) -> tuple[str, str]:
+        """(call id, leg name) for events: the SIP Call-ID and "caller" unless the sender
+        names them (LEG_HEADER / CALL_ID_HEADER)."""
+        call_id = request.headers.get(CALL_ID_HEADER) or request.call_id
+        leg = request.headers.get(LEG_HEADER) or PLAIN_CALL_LEG
+        for header, value in ((CALL_ID_HEADER, call_id), (LEG_HEADER, leg)):
+            if header == CALL_ID_HEADER and value == request.call_id:
+                continue  # a Call-ID is whatever the sender made it; only its length matters
+            if not _NAME.match(value):
+                raise Rejected(400, f"Bad Request ({header} {value[:40]!r} is not a name like agent-1)")
+        if len(call_id) > 256:
+            raise Rejected(400, f"Bad Request (Call-ID of {len(call_id)} characters, at most 256)")
+        return call_id, leg
 
     def _parse_offer(
         self, request: SipRequest, session: SipSession
@@ -267,7 +300,7 @@ class SipCallHandler:
             return recorded_streams(offer, metadata)
         streams = []
         for index, media in enumerate(offer.media):
-            name = PLAIN_CALL_LEG if index == 0 else f"{PLAIN_CALL_LEG}-{index + 1}"
+            name = session.leg if index == 0 else f"{session.leg}-{index + 1}"
             streams.append(RecordedStream(index, name, media.label, None))
         return streams
 
@@ -310,11 +343,7 @@ class SipCallHandler:
                         payload_types=dict(choice.payload_types),
                     )
                 except AtCapacity as exc:
-                    raise Rejected(
-                        503,
-                        f"Service Unavailable ({exc})"[:160],
-                        [("Retry-After", str(self.settings.sip_retry_after_sec))],
-                    ) from None
+                    raise self._full(exc) from None
                 except LegConflict as exc:
                     raise Rejected(488, f"Not Acceptable Here ({exc})"[:160]) from None
             if index < len(session.streams):
@@ -350,14 +379,14 @@ class SipCallHandler:
         session.meta = self._session_meta(event.request, None)
         probe = build_offer(0, self.public_host, session.sdp_session_id, self.settings.dtmf_payload_type)
         payload_types = offered_payload_types(probe)
-        meta = dict(session.meta, codec="opus", m_line=0)
+        meta = dict(session.meta, codec="pcmu", m_line=0)
         try:
             reserved = await self.rtp.reserve(
-                session.call_id, PLAIN_CALL_LEG, "pcmu", meta, payload_types=payload_types
+                session.call_id, session.leg, "pcmu", meta, payload_types=payload_types
             )
         except AtCapacity as exc:
-            raise Rejected(503, f"Service Unavailable ({exc})"[:160], [("Retry-After", "30")]) from None
-        session.streams.append(StreamState(PLAIN_CALL_LEG, reserved, payload_types))
+            raise self._full(exc) from None
+        session.streams.append(StreamState(session.leg, reserved, payload_types))
         offer = build_offer(
             reserved.rtp_port,
             self._media_address(session),
@@ -432,7 +461,7 @@ class SipCallHandler:
         if stream.reserved is not None and not set(selected[0].payload_types.items()) <= set(
             stream.payload_types.items()
         ):
-            names = [RecordedStream(0, PLAIN_CALL_LEG, None, None)]
+            names = [RecordedStream(0, session.leg, None, None)]
             session.streams[0].payload_types = {}
             await self._apply_offer(session, answer, selected[:1], names)
         session.our_offer = None

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from callscribe.bridge.rtp import Audio, Drop, LegEvent, RtpError, RtpLegReceiver, RtpPacket, is_rtcp
-from callscribe.calls import AtCapacity, CallRegistry, Leg
-from callscribe.codecs import spec_by_name
+from callscribe.calls import AtCapacity, CallRegistry, Leg, LegConflict
+from callscribe.codecs import spec_by_name, spec_for_static_pt
 from callscribe.metrics import Metrics
 from callscribe.settings import Settings
 
@@ -28,6 +28,8 @@ TICK_SEC = 0.02
 # well over 1,000 G.711 legs (bench/ingest.py). 60 ms more before the engine sees audio is
 # small beside the 500-700 ms of silence that ends an utterance.
 BATCH_MS = 60
+MAX_CANDIDATES = 1024  # new sources on probation at the auto-leg port
+PROBATION_SEC = 2.0
 Address = tuple[Any, ...]  # (host, port) for IPv4, (host, port, flow, scope) for IPv6
 
 
@@ -111,6 +113,7 @@ class RtpIngest:
         self._auto: dict[tuple[Address, int], _LegMedia] = {}  # by (source, SSRC)
         self._auto_per_host: dict[str, int] = {}
         self._buckets: dict[Address, TokenBucket] = {}
+        self._candidates: dict[tuple[Address, int], tuple[RtpPacket, float]] = {}  # on probation
         self._ports_in_use: set[int] = set()
         self._port_cursor = 0
         self._auto_transport: asyncio.DatagramTransport | None = None
@@ -191,7 +194,9 @@ class RtpIngest:
 
     async def _bind_leg_port(self) -> tuple[asyncio.DatagramTransport, int]:
         loop = asyncio.get_running_loop()
-        ports = self._settings.rtp_ports
+        # Even ports only (RFC 3550 §11): a peer without rtcp-mux sends RTCP to port + 1,
+        # which must not be another leg's RTP port.
+        ports = [port for port in self._settings.rtp_ports if port % 2 == 0] or list(self._settings.rtp_ports)
         for attempt in range(len(ports)):
             port = ports[(self._port_cursor + attempt) % len(ports)]
             if port in self._ports_in_use:
@@ -266,13 +271,38 @@ class RtpIngest:
         packet = self._parse(data)
         if packet is None:
             return
-        media = self._auto.get((addr, packet.ssrc))
-        if media is None:
-            media = self._open_auto_leg(addr, packet.ssrc, now)
-            if media is None:
-                return
-        media.last_packet = now
-        self._emit(media, media.receiver.receive_packet(packet, now))
+        key = (addr, packet.ssrc)
+        media = self._auto.get(key)
+        if media is not None:
+            media.last_packet = now
+            self._emit(media, media.receiver.receive_packet(packet, now))
+            return
+        first = self._confirm_source(key, packet, now)
+        if first is None:
+            return
+        media = self._open_auto_leg(addr, packet.ssrc, now)
+        if media is not None:
+            self._emit(media, media.receiver.receive_packet(first, now))
+            self._emit(media, media.receiver.receive_packet(packet, now))
+
+    def _confirm_source(self, key: tuple[Address, int], packet: RtpPacket, now: float) -> RtpPacket | None:
+        """RFC 3550 A.1 probation: a new (source, SSRC) starts a leg only with two packets in
+        sequence of a payload type the bridge decodes, so stray or random datagrams that
+        happen to parse open no legs. Returns the first packet once confirmed."""
+        pt = packet.payload_type
+        if not (spec_for_static_pt(pt) or 96 <= pt <= 127):
+            self._metrics.drop(TRANSPORT, "unknown_payload_type")
+            return None
+        held = self._candidates.pop(key, None)
+        if held is not None and packet.sequence_number == (held[0].sequence_number + 1) % 65536:
+            return held[0]
+        if held is not None:
+            self._metrics.drop(TRANSPORT, "unconfirmed_source")
+        if len(self._candidates) >= MAX_CANDIDATES:
+            self._metrics.drop(TRANSPORT, "unconfirmed_source", len(self._candidates))
+            self._candidates.clear()
+        self._candidates[key] = (packet, now)
+        return None
 
     def _open_auto_leg(self, addr: Address, ssrc: int, now: float) -> _LegMedia | None:
         host = str(addr[0])
@@ -282,7 +312,11 @@ class RtpIngest:
         call_id = f"rtp-{host}-{addr[1]}-{ssrc:08x}"
         try:
             leg = self._registry.open_leg(call_id, "caller", {"source": f"{host}:{addr[1]}", "ssrc": ssrc})
-        except (AtCapacity, ValueError) as exc:
+        except LegConflict:
+            # The same source's previous leg (idle timeout) is still flushing its last final.
+            self._metrics.drop(TRANSPORT, "leg_closing")
+            return None
+        except AtCapacity as exc:
             log.warning("auto-leg refused for %s: %s", call_id, exc)
             self._metrics.drop(TRANSPORT, "at_capacity")
             return None
@@ -335,6 +369,12 @@ class RtpIngest:
                 events = media.receiver.poll(now)
                 if events:
                     self._emit(media, events)
+        if self._candidates:
+            expired = [key for key, (_packet, seen) in self._candidates.items() if now - seen > PROBATION_SEC]
+            for key in expired:
+                del self._candidates[key]
+            if expired:
+                self._metrics.drop(TRANSPORT, "unconfirmed_source", len(expired))
         if len(self._buckets) > 1000:
             stale = [addr for addr, bucket in self._buckets.items() if now - bucket.last > 10.0]
             for addr in stale:

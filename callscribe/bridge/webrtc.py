@@ -9,7 +9,6 @@ every host candidate) and ends with DELETE on its resource, when its tracks end,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -94,6 +93,8 @@ class WhipSession:
 def leg_names(requested: list[str], tracks: int) -> list[str]:
     """Names for `tracks` audio tracks in m-line order: the requested names first, then
     `<first>-2`, `<first>-3`... so a second microphone never collides with the first."""
+    if tracks <= 0:
+        return []
     names = list(requested[:tracks]) or ["caller"]
     base = names[0]
     while len(names) < tracks:
@@ -104,9 +105,10 @@ def leg_names(requested: list[str], tracks: int) -> list[str]:
 class WhipIngest:
     """The WHIP sessions of one service (a `Component`: started and stopped by the Service)."""
 
-    def __init__(self, registry: CallRegistry, metrics: Metrics) -> None:
+    def __init__(self, registry: CallRegistry, metrics: Metrics, idle_timeout_sec: float = 10.0) -> None:
         self._registry = registry
         self._metrics = metrics
+        self._idle_timeout = idle_timeout_sec
         self.sessions: dict[str, WhipSession] = {}
 
     async def start(self) -> None:
@@ -136,12 +138,16 @@ class WhipIngest:
         try:
             for name in leg_names(requested_legs, len(tracks)):
                 session.legs.append(self._registry.open_leg(call_id, name, {**meta, "transport": TRANSPORT}))
+            for transceiver in pc.getTransceivers():
+                if transceiver.kind != "audio":
+                    # Answered inactive: the sender keeps its video to itself instead of making
+                    # aiortc decode frames nobody reads.
+                    transceiver.direction = "inactive"
+            await pc.setLocalDescription(await pc.createAnswer())
         except Exception:
             await asyncio.gather(*(leg.close("refused") for leg in session.legs))
             await pc.close()
             raise
-        answer = await pc.createAnswer()
-        await pc.setLocalDescription(answer)
         self.sessions[session.session_id] = session
 
         @pc.on("connectionstatechange")
@@ -182,11 +188,24 @@ class WhipIngest:
     async def _pump(self, session: WhipSession, track: MediaStreamTrack, leg: Leg) -> None:
         received = self._metrics.packets_received.labels(transport=TRANSPORT)
         timeline: FrameTimeline | None = None
-        while True:
+        # Checked as well as cancelled: on Python 3.11 wait_for() swallows a cancellation that
+        # arrives as a frame does (every 20 ms here), and the pump would feed a closed leg forever.
+        while session.ending is None:
             try:
-                frame = await track.recv()
+                frame = await asyncio.wait_for(track.recv(), self._idle_timeout)
             except MediaStreamError:
-                break
+                # The sender stopped the track (or the connection closed): the leg is over.
+                await leg.close("track-ended")
+                return
+            except TimeoutError:
+                # No frame for that long: the peer vanished without DELETE (consent freshness
+                # would notice too, but later) or stopped sending.
+                log.info("WHIP session %s: no audio for %.0fs", session.session_id, self._idle_timeout)
+                if session.ending is None:
+                    session.ending = asyncio.create_task(self._end(session, "idle"))
+                return
+            if session.ending is not None:
+                return  # _end() closes the leg, with its reason
             received.inc()
             if not isinstance(frame, av.AudioFrame):
                 self._metrics.drop(TRANSPORT, "not-audio")
@@ -205,6 +224,3 @@ class WhipIngest:
                 self._metrics.drop(TRANSPORT, "lost", max(1, missing // max(1, pcm.size)))
                 leg.feed(np.zeros(missing, dtype=np.int16), rate)
             leg.feed(pcm, rate)
-        # The sender stopped the track (or the connection closed): the leg is over.
-        with contextlib.suppress(asyncio.CancelledError):
-            await leg.close("track-ended")

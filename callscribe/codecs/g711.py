@@ -6,9 +6,14 @@ it converts a whole payload in C, which keeps the per-packet cost to a microseco
 
 from __future__ import annotations
 
-import audioop
+import warnings
 
 import numpy as np
+
+with warnings.catch_warnings():
+    # 3.11-3.12 warn that audioop leaves the stdlib in 3.13, where audioop-lts takes over.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import audioop
 
 from callscribe.codecs.base import CodecSpec, Decoder, Encoder, Pcm16
 

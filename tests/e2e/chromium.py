@@ -91,6 +91,8 @@ class Page:
         )
 
     async def screenshot(self, path: Path) -> Path:
+        # A background tab does not render (animations stay on their first frame).
+        await self.send("Page.bringToFront")
         reply = await self.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
         await asyncio.to_thread(_write, path, base64.b64decode(reply["data"]))
         return path

@@ -86,7 +86,10 @@ async def check_page_matches_redis(
     assert int(shown["events"]) == len(stored), (
         "the page applied a different number of events than Redis holds"
     )
-    assert shown["gaps"] == "0" and shown["duplicates"] == "0", shown
+    # Every entry applied once: a resume that skipped entries shows fewer events, one that
+    # restarted shows duplicates. (`gaps` may be non-zero: the publisher coalesces superseded
+    # partials while Redis is slow, so `seq` can jump without anything being lost here.)
+    assert shown["duplicates"] == "0", shown
     for leg in ("caller", "agent"):
         finals = [e.text for e in stored if e.type == EventType.FINAL and e.leg == leg and e.text]
         assert shown["legs"][leg] == finals, leg
@@ -120,14 +123,14 @@ async def test_browser_call_shows_live_on_the_dashboard(
             # One pass of the caller's file (it loops), then hang up both legs the way a user would.
             await asyncio.sleep(max(0.0, LEAD_SEC + CALLER.seconds + TAIL_SEC - 0.3 - first_text_sec))
             await dashboard.screenshot(OUTPUT / call_id / "dashboard-live.png")
-            await pub.evaluate("window.callscribeHangUp()")
+            await pub.evaluate("window.callscribeHangUp(), true")  # don't wait on the final decode
             await played(agent)
-            async with httpx.AsyncClient(timeout=30) as client:
+            async with httpx.AsyncClient(timeout=120) as client:
                 assert (
                     await client.delete(agent_url, headers={"Authorization": f"Bearer {TOKEN}"})
                 ).status_code == 200
         await dashboard.wait_for(
-            f"{card(call_id)}.dataset.state === 'ended'", 20, "the call to end on the page"
+            f"{card(call_id)}.dataset.state === 'ended'", 90, "the call to end on the page"
         )
         await dashboard.screenshot(OUTPUT / call_id / "dashboard.png")
         events = await read_call_events(redis, key_prefix, call_id, timeout=5)
@@ -161,20 +164,20 @@ async def test_dashboard_misses_nothing_across_reload_and_reconnects(
     ):
         base = f"http://127.0.0.1:{svc.http_port}"
         async with whip_peer(base, agent_wav, call_id, "agent") as (agent, agent_url):
-            await dashboard.wait_for(f"{card(call_id)}?.dataset.events > 3", 15, "some events on the page")
+            await dashboard.wait_for(f"{card(call_id)}?.dataset.events > 3", 20, "some events on the page")
             await dashboard.reload()  # mid-call
             await dashboard.wait_for(
                 f"{card(call_id)}?.dataset.state === 'live'", 10, "the call after reload"
             )
             await played(agent)
             await asyncio.sleep(max(0.0, LEAD_SEC + CALLER.seconds + TAIL_SEC - AGENT.seconds - 1.7))
-            await pub.evaluate("window.callscribeHangUp()")
-            async with httpx.AsyncClient(timeout=30) as client:
+            await pub.evaluate("window.callscribeHangUp(), true")  # don't wait on the final decode
+            async with httpx.AsyncClient(timeout=120) as client:
                 assert (
                     await client.delete(agent_url, headers={"Authorization": f"Bearer {TOKEN}"})
                 ).status_code == 200
         await dashboard.wait_for(
-            f"{card(call_id)}.dataset.state === 'ended'", 20, "the call to end on the page"
+            f"{card(call_id)}.dataset.state === 'ended'", 90, "the call to end on the page"
         )
         shown = await check_page_matches_redis(dashboard, redis, key_prefix, call_id)
         resumes = svc.metrics.registry.get_sample_value("callscribe_dashboard_resumes_total") or 0

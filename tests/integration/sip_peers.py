@@ -10,19 +10,16 @@ import random
 import shutil
 import socket
 import struct
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import soxr
-
 from callscribe.bridge.rtp import RtpPacket
-from callscribe.codecs import encoder_for, spec_by_name
 from tests.support import Clip, free_port
 
 SCENARIOS = Path(__file__).parent / "sipp"
 SIPP = shutil.which("sipp")
-FRAME = 160  # 20 ms at 8 kHz
+FRAME = 160  # bytes of μ-law in 20 ms
 
 PCAP_HEADER = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)  # LINKTYPE_ETHERNET
 
@@ -35,6 +32,7 @@ class PcapStream:
     clip: Clip
     port_offset: int = 0
     start_sec: float = 0.0
+    lead_silence_sec: float = 0.3
     tail_silence_sec: float = 1.0
 
 
@@ -51,20 +49,30 @@ def _udp_frame(payload: bytes, dport: int, sport: int) -> bytes:
     return ethernet + ip + udp
 
 
+def pcmu_frames(stream: PcapStream) -> list[bytes]:
+    """20 ms μ-law payloads of the clip, encoded by ffmpeg as a PBX would put it on the wire,
+    with the stream's leading and trailing silence."""
+    encoded = subprocess.run(
+        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-i", str(stream.clip.path), "-ac", "1",
+         "-ar", "8000", "-f", "mulaw", "-"],
+        capture_output=True, check=True,
+    ).stdout  # fmt: skip
+    silence = b"\xff"  # μ-law zero
+    audio = (
+        silence * int(8000 * stream.lead_silence_sec)
+        + encoded
+        + silence * int(8000 * stream.tail_silence_sec)
+    )
+    audio += silence * (-len(audio) % FRAME)
+    return [audio[i : i + FRAME] for i in range(0, len(audio), FRAME)]
+
+
 def write_pcmu_pcap(path: Path, streams: list[PcapStream], base_port: int = 6000) -> float:
     """Write the streams as one pcap; returns its duration in seconds."""
-    encoder = encoder_for(spec_by_name("pcmu"))
     packets: list[tuple[float, bytes]] = []
     for index, stream in enumerate(streams):
-        pcm8k = soxr.resample(stream.clip.pcm.astype(np.float32) / 32768, stream.clip.rate, 8000)
-        pcm = np.clip(pcm8k * 32768, -32768, 32767).astype(np.int16)
-        pcm = np.concatenate([pcm, np.zeros(int(8000 * stream.tail_silence_sec), np.int16)])
-        pcm = np.pad(pcm, (0, (-pcm.size) % FRAME))
-        ssrc = random.getrandbits(32)
-        seq = random.getrandbits(16)
-        ts = random.getrandbits(32)
-        for n in range(pcm.size // FRAME):
-            payload = encoder.encode(pcm[n * FRAME : (n + 1) * FRAME])
+        ssrc, seq, ts = random.getrandbits(32), random.getrandbits(16), random.getrandbits(32)
+        for n, payload in enumerate(pcmu_frames(stream)):
             rtp = RtpPacket(
                 payload_type=0,
                 sequence_number=(seq + n) & 0xFFFF,

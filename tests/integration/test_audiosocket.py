@@ -14,13 +14,27 @@ from tests.fork_senders import assert_heard, at_rate, audiosocket_stream, with_s
 from tests.support import finals_text, load_clip, read_call_events
 
 
-async def send_tcp(port: int, chunks: list[bytes], interval_s: float, close_abruptly: bool = False) -> None:
+async def send_tcp(
+    port: int, frames: list[bytes], interval_s: float, tiny_writes: bool = False, close_abruptly: bool = False
+) -> None:
+    """Send one frame per `interval_s` (0.02: real time, the pace the engine is built for).
+    With `tiny_writes` each frame goes out as writes of 1..7 bytes, so headers and payloads
+    reach the server cut at many places."""
     _reader, writer = await asyncio.open_connection("127.0.0.1", port)
     loop = asyncio.get_running_loop()
     begin = loop.time()
-    for index, chunk in enumerate(chunks):
-        writer.write(chunk)
-        await writer.drain()
+    size = 0
+    for index, frame in enumerate(frames):
+        if tiny_writes:
+            at = 0
+            while at < len(frame):
+                size = size % 7 + 1
+                writer.write(frame[at : at + size])
+                await writer.drain()
+                at += size
+        else:
+            writer.write(frame)
+            await writer.drain()
         delay = begin + (index + 1) * interval_s - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -34,7 +48,7 @@ async def send_tcp(port: int, chunks: list[bytes], interval_s: float, close_abru
 async def test_audiosocket_call_at_real_time(
     make_service: ServiceFactory, redis: aioredis.Redis, key_prefix: str
 ) -> None:
-    clip = load_clip("librivox-0880")
+    clip = load_clip("librivox-0890")
     call = uuid.uuid4()
     async with make_service() as svc:
         frames = audiosocket_stream(call, with_silence(at_rate(clip, 8000), 8000), digits="42")
@@ -54,17 +68,9 @@ async def test_frames_split_into_tiny_segments_and_abrupt_disconnect(
     clip = load_clip("librivox-0890")
     call = uuid.uuid4()
     async with make_service() as svc:
-        stream = b"".join(audiosocket_stream(call, with_silence(at_rate(clip, 8000), 8000))[:-1])  # no hangup
-        # Segments of 1..7 bytes: every frame header and payload arrives cut somewhere.
-        sizes = [1 + i % 7 for i in range(len(stream))]
-        chunks, at = [], 0
-        for size in sizes:
-            if at >= len(stream):
-                break
-            chunks.append(stream[at : at + size])
-            at += size
-        # Many tiny writes as fast as TCP takes them, then the peer vanishes without a hangup.
-        await send_tcp(svc.audiosocket.port, chunks, 0.0, close_abruptly=True)
+        frames = audiosocket_stream(call, with_silence(at_rate(clip, 8000), 8000))[:-1]  # no hangup
+        # Every frame in writes of 1..7 bytes, then the peer vanishes without a hangup frame.
+        await send_tcp(svc.audiosocket.port, frames, 0.02, tiny_writes=True, close_abruptly=True)
         events = await read_call_events(redis, key_prefix, str(call))
     ended = next(e for e in events if e.type == EventType.LEG_ENDED)
     assert ended.meta["reason"] == "disconnect"
@@ -74,12 +80,12 @@ async def test_frames_split_into_tiny_segments_and_abrupt_disconnect(
 async def test_garbage_connections_do_not_disturb_a_call(
     make_service: ServiceFactory, redis: aioredis.Redis, key_prefix: str
 ) -> None:
-    clip = load_clip("librivox-0880")
+    clip = load_clip("librivox-0890")
     call = uuid.uuid4()
     async with make_service() as svc:
         port = svc.audiosocket.port
         good = asyncio.create_task(
-            send_tcp(port, audiosocket_stream(call, with_silence(at_rate(clip, 8000), 8000)), 0.005)
+            send_tcp(port, audiosocket_stream(call, with_silence(at_rate(clip, 8000), 8000)), 0.02)
         )
         # Audio before the UUID: refused.
         await send_tcp(port, [struct.pack("!BH", 0x10, 4) + b"\x00" * 4], 0.0)

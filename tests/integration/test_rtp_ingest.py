@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import socket
+import time
 from dataclasses import dataclass
 
 import httpx
@@ -26,7 +27,7 @@ from callscribe.codecs.dtmf import TelephoneEvent
 from callscribe.events import EventType, TranscriptEvent
 from callscribe.service import Service
 from tests.conftest import ServiceFactory
-from tests.support import finals_text, load_clip, read_call_events
+from tests.support import finals_text, free_port_range, load_clip, read_call_events
 
 PTIME = 0.02
 SAMPLES = 160  # 20 ms at 8 kHz
@@ -146,20 +147,34 @@ async def test_bad_input_is_counted_and_another_leg_keeps_transcribing(
             good.rtp_port, [RtpPacket(0, 9, 9, 0xE71, b"\xff" * 160).serialize()]
         )  # hijack attempt
         flood = [RtpPacket(0, n % 65536, n * 160, 0xF100D, b"\xd5" * 160).serialize() for n in range(10_000)]
-        await asyncio.to_thread(udp_send, auto, flood)
+        received = svc.metrics.packets_received.labels(transport="rtp")
+        before, flood_start = received._value.get(), time.monotonic()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flooder:  # one source
+            for start in range(0, len(flood), 50):  # ~5,000 packets/s, 10 times the limit
+                for data in flood[start : start + 50]:
+                    flooder.sendto(data, ("127.0.0.1", auto))
+                await asyncio.sleep(0.01)
+        flood_seconds = time.monotonic() - flood_start
+        await asyncio.sleep(0.1)
+        arrived = received._value.get() - before
 
         await sending
         for reason in ("truncated", "bad_version", "bad_csrc", "bad_extension", "oversize", "rate_limited"):
             assert dropped(svc, reason) >= 1, f"no drop counted as {reason}"
-        assert dropped(svc, "unknown_payload_type") == 5
+        assert dropped(svc, "unknown_payload_type") >= 5  # the victim's, and random datagrams'
+        assert len(svc.registry.legs) <= 3  # random bytes that parse as RTP opened no legs
         assert dropped(svc, "foreign_source") == 1
         assert dropped(svc, "truncated") >= 3 and dropped(svc, "bad_version") >= 2
-        # One source's flood is cut to its rate (500/s with a one-second burst).
-        assert dropped(svc, "rate_limited") >= 10_000 - 2 * svc.settings.max_packets_per_sec_per_source - 300
+        # One source's flood is cut to its rate (500/s after a one-second burst); the kernel
+        # may drop some datagrams before the bridge sees them, and the good leg sends too.
+        rate = svc.settings.max_packets_per_sec_per_source
+        assert arrived >= len(flood) // 2  # most reached the bridge
+        assert dropped(svc, "rate_limited") >= arrived - rate * (1 + flood_seconds) - 500
 
         assert await svc.rtp.release(good.leg_id)
         events = await read_call_events(redis, key_prefix, "good-call", timeout=60)
-        assert finals_text(events), f"no final from the good leg: {[e.type for e in events]}"
+        errors = [(e.text, e.meta) for e in events if e.type == EventType.ERROR]
+        assert finals_text(events), f"no final from the good leg; errors: {errors}"
         assert abs(leg_end_ms(events) - clip.seconds * 1000) <= 100
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{svc.http_port}") as http:
             assert (await http.get("/healthz")).status_code == 200
@@ -232,18 +247,28 @@ async def test_reserved_leg_idles_out_from_reservation(
 
 
 async def test_ssrc_spray_from_one_address_is_capped(make_service: ServiceFactory) -> None:
-    async with make_service(leg_idle_timeout_sec=2.0, **ISOLATED) as svc:
+    async with make_service(leg_idle_timeout_sec=5.0, **ISOLATED) as svc:
         svc.rtp.max_auto_legs_per_source = 3
-        udp_send(
-            svc.settings.rtp_port,
-            [RtpPacket(0, 1, 160, ssrc, b"\xff" * 160).serialize() for ssrc in range(20)],
+        port = svc.settings.rtp_port
+        # 20 streams of two packets in sequence each (confirmed sources), then 30 lone packets.
+        await udp_send_drained(
+            port,
+            [
+                RtpPacket(0, seq, 160 * seq, ssrc, b"\xff" * 160).serialize()
+                for ssrc in range(20)
+                for seq in (1, 2)
+            ],
         )
-        for _ in range(100):
-            if dropped(svc, "auto_leg_limit") >= 17:
+        await udp_send_drained(
+            port, [RtpPacket(0, 1, 160, 1000 + n, b"\xff" * 160).serialize() for n in range(30)]
+        )
+        for _ in range(200):
+            if dropped(svc, "unconfirmed_source") >= 30:
                 break
             await asyncio.sleep(0.02)
         assert len(svc.registry.legs) == 3
         assert dropped(svc, "auto_leg_limit") == 17
+        assert dropped(svc, "unconfirmed_source") == 30  # expired after their probation
 
 
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed")
@@ -253,7 +278,8 @@ async def test_ffmpeg_into_a_leg_reserved_over_http(
     clip = load_clip("librivox-0890")
     async with (
         make_service(**ISOLATED) as svc,
-        httpx.AsyncClient(base_url=f"http://127.0.0.1:{svc.http_port}") as http,
+        # DELETE returns once the leg's last final is in Redis: allow a slow engine time.
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{svc.http_port}", timeout=60) as http,
     ):
         reply = await http.post("/v1/legs", json={"call_id": "ffmpeg-call", "leg": "caller", "codec": "pcmu"})
         assert reply.status_code == 201, reply.text
@@ -274,3 +300,19 @@ async def test_ffmpeg_into_a_leg_reserved_over_http(
     assert abs(leg_end_ms(events) - clip.seconds * 1000) <= 100
     ended = [e for e in events if e.type == EventType.LEG_ENDED]
     assert ended[0].meta["reason"] == "released"
+
+
+async def test_port_range_exhaustion_is_a_clear_503(make_service: ServiceFactory) -> None:
+    async with (
+        make_service(rtp_port_range=free_port_range(4), **ISOLATED) as svc,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{svc.http_port}", timeout=60) as http,
+    ):
+        replies = [
+            await http.post("/v1/legs", json={"call_id": f"full-{n}", "codec": "pcma"}) for n in range(3)
+        ]
+        assert [r.status_code for r in replies] == [201, 201, 503]  # two even ports in four
+        assert "no free RTP port" in replies[2].json()["error"]
+        assert all(r.json()["rtp_port"] % 2 == 0 for r in replies[:2])
+        assert (await http.delete(f"/v1/legs/{replies[0].json()['leg_id']}")).status_code == 204
+        again = await http.post("/v1/legs", json={"call_id": "full-3", "codec": "pcma"})
+        assert again.status_code == 201 and again.json()["rtp_port"] == replies[0].json()["rtp_port"]

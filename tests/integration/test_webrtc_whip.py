@@ -94,7 +94,7 @@ async def test_two_leg_webrtc_call_is_transcribed_and_moves_the_metrics(
             assert sample(svc, "callscribe_active_calls") == 1
             assert sample(svc, "callscribe_active_legs") == 2
             await asyncio.gather(played(caller), played(agent))
-            async with httpx.AsyncClient(timeout=60) as client:
+            async with httpx.AsyncClient(timeout=120) as client:
                 hangups = await asyncio.gather(
                     client.delete(caller_url, headers=AUTH), client.delete(agent_url, headers=AUTH)
                 )
@@ -191,7 +191,7 @@ async def test_a_second_session_for_an_open_leg_is_refused(
         base = f"http://127.0.0.1:{svc.http_port}"
         async with whip_peer(base, wav, "web-call-2", "caller") as (_player, resource):
             offer = await _offer(audio=True)
-            async with httpx.AsyncClient(timeout=10) as client:
+            async with httpx.AsyncClient(timeout=120) as client:
                 reply = await client.post(
                     f"{base}/whip",
                     params={"call_id": "web-call-2", "leg": "caller"},
@@ -216,3 +216,32 @@ async def _offer(audio: bool, direction: str = "sendonly") -> str:
         return str(pc.localDescription.sdp)
     finally:
         await pc.close()
+
+
+async def test_video_is_declined_and_a_vanished_peer_ends_its_leg(
+    make_service: ServiceFactory, redis: aioredis.Redis, key_prefix: str, tmp_path: Path
+) -> None:
+    wav = speech_wav(tmp_path / "caller.wav", load_clip("librivox-0880"))
+    async with make_service(whip_token=TOKEN, leg_idle_timeout_sec=2.0) as svc:
+        pc = RTCPeerConnection()
+        player = MediaPlayer(str(wav))
+        assert player.audio is not None
+        pc.addTransceiver(player.audio, direction="sendonly")
+        pc.addTransceiver("video", direction="sendonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        async with httpx.AsyncClient(timeout=10) as client:
+            reply = await client.post(
+                f"http://127.0.0.1:{svc.http_port}/whip?call_id=web-call-3",
+                content=pc.localDescription.sdp,
+                headers={"Content-Type": "application/sdp", **AUTH},
+            )
+        assert reply.status_code == 201, reply.text
+        video = reply.text[reply.text.index("m=video") :]
+        assert "a=inactive" in video
+        await pc.setRemoteDescription(RTCSessionDescription(reply.text, "answer"))
+        await asyncio.sleep(1.5)
+        await pc.close()  # gone, without DELETE
+        events = await read_call_events(redis, key_prefix, "web-call-3", timeout=20)
+        assert not svc.whip.sessions
+    ended = next(e for e in events if e.type == EventType.LEG_ENDED)
+    assert ended.leg == "caller" and ended.meta["reason"] in ("track-ended", "idle", "connection-closed")

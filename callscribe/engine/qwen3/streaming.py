@@ -47,9 +47,7 @@ log = logging.getLogger(__name__)
 
 FINAL_PRIORITY = 0  # vLLM serves lower values first
 PARTIAL_PRIORITY = 1
-# Qwen3-ASR writes ~3-5 tokens per second of speech; 10/s plus the header leaves room for
-# dense speech while a model stuck repeating itself stops within the utterance's worth.
-_FINAL_TOKENS_PER_SEC = 10.0
+# Room for the `language X<asr_text>` header and a short utterance.
 _FINAL_TOKENS_BASE = 16
 _PREVIOUS_FINAL_CHARS = 200
 
@@ -63,6 +61,9 @@ class StreamingConfig:
     chunk_size_sec: float = 2.0
     partial_max_tokens: int = 32
     final_max_tokens: int = 256
+    # Qwen3-ASR writes ~3-5 tokens per second of speech; 10/s leaves room for dense speech
+    # while a model stuck repeating itself stops within the utterance's worth.
+    final_tokens_per_sec: float = 10.0
     previous_final_context: bool = True
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
 
@@ -87,7 +88,7 @@ class StreamingConfig:
 
     def final_tokens(self, audio_samples: int) -> int:
         seconds = audio_samples / SAMPLE_RATE
-        return min(self.final_max_tokens, _FINAL_TOKENS_BASE + math.ceil(seconds * _FINAL_TOKENS_PER_SEC))
+        return min(self.final_max_tokens, _FINAL_TOKENS_BASE + math.ceil(seconds * self.final_tokens_per_sec))
 
 
 def rollback_prefix(raw: str, tokenizer: Tokenizer, unfixed_token_num: int) -> str:
@@ -169,8 +170,7 @@ class DecodeAdmission:
 
     def try_admit_partial(self, wake: Callable[[], None]) -> bool:
         """Take a partial slot, or queue `wake` to be called when one may be free."""
-        blocked_by_final = not self.backend.priority_scheduling and self._finals_in_flight > 0
-        if self._partials_in_flight < self.partial_budget and not blocked_by_final:
+        if self._has_partial_slot():
             self._partials_in_flight += 1
             return True
         if wake not in self._waiting:
@@ -186,8 +186,13 @@ class DecodeAdmission:
             self._waiting.remove(wake)
 
     def _wake_one(self) -> None:
-        if self._waiting:
+        """Offer free slots to waiting legs in turn; a leg that no longer needs one passes."""
+        while self._waiting and self._has_partial_slot():
             self._waiting.popleft()()
+
+    def _has_partial_slot(self) -> bool:
+        blocked_by_final = not self.backend.priority_scheduling and self._finals_in_flight > 0
+        return self._partials_in_flight < self.partial_budget and not blocked_by_final
 
     async def decode_final(self, request: DecodeRequest) -> DecodeResult:
         self._finals_in_flight += 1
@@ -232,6 +237,7 @@ class Qwen3LegStream(LegStream):
         self._segmenter = UtteranceSegmenter(detector, config.segmenter)
         self._refused = not admission.open_leg()
         self._closed = False
+        self._finishing: asyncio.Task[None] | None = None
         self._ids = itertools.count()
         # The open utterance.
         self._chunks_seen = 0  # chunk boundaries crossed so far
@@ -271,15 +277,21 @@ class Qwen3LegStream(LegStream):
         self._on_audio()
 
     async def finish(self) -> None:
-        if self._closed:
-            await self._drain()
+        """Safe to call more than once: every caller waits for the same flush."""
+        if self._finishing is None:
+            self._closed = True
+            self._finishing = asyncio.get_running_loop().create_task(self._finish())
+        await asyncio.shield(self._finishing)
+
+    async def _finish(self) -> None:
+        if self._refused:
             return
-        self._closed = True
-        if not self._refused:
-            for utterance in self._segmenter.flush():
-                self._close_utterance(utterance)
-            self._cancel_partial()
+        for utterance in self._segmenter.flush():
+            self._close_utterance(utterance)
+        self._cancel_partial()
+        try:
             await self._drain()
+        finally:
             self._admission.close_leg()
 
     async def settle(self) -> None:

@@ -1,7 +1,8 @@
 // callscribe live dashboard: calls from /events/calls, each call's events from /events/calls/{id}.
 // Server-Sent Events ids are Redis stream entry ids, so EventSource's own reconnect (it sends
 // Last-Event-ID) resumes exactly where the page left off. Events are deduplicated per leg on `seq`
-// (delivery is at-least-once) and a jump in `seq` is shown as missed events.
+// (delivery is at-least-once). Jumps in `seq` are only counted (data-gaps): the publisher coalesces
+// superseded partials while Redis is slow, so a jump is not a loss.
 "use strict";
 
 // Chromium allows 6 HTTP/1.1 connections per host; one is the calls index, one is kept spare.
@@ -99,6 +100,7 @@ class LegView {
         break;
       case "leg.ended":
         this.partial.replaceChildren();
+        this.node.dataset.ended = "true";
         this.state.textContent = `ended ${clock(ev.ts)}`;
         this.add(el("li", { class: "event lifecycle" }, el("time", { text: offset(ev.end_ms) }),
           el("span", { text: `leg ended${ev.meta && ev.meta.reason ? ` (${ev.meta.reason})` : ""}` })));
@@ -124,12 +126,11 @@ class CallView {
     const headingId = `call-${callId.replace(/[^A-Za-z0-9_-]/g, "_")}`;
     this.badge = el("span", { class: "badge waiting", text: "waiting" });
     this.facts = el("p", { class: "facts" });
-    this.warning = el("p", { class: "warning", role: "alert", hidden: "" });
     this.legsNode = el("div", { class: "legs" });
     this.node = el("article", { class: "call", "data-call-id": callId, "data-state": "waiting",
                                 "aria-labelledby": headingId },
       el("header", {}, el("h3", { id: headingId }, "Call ", el("code", { text: callId })), this.badge, this.facts),
-      this.warning, this.legsNode);
+      this.legsNode);
     this.sync();
   }
 
@@ -152,7 +153,6 @@ class CallView {
     this.source = new EventSource(`/events/calls/${encodeURIComponent(this.callId)}`);
     this.source.onmessage = (msg) => this.receive(JSON.parse(msg.data));
     this.source.onerror = () => {
-      console.log("call stream error", this.source && this.source.readyState);
       // CONNECTING: the browser retries and resumes with Last-Event-ID; CLOSED: it gave up.
       if (this.source && this.source.readyState === EventSource.CONNECTING) this.counts.reconnects += 1;
       else this.unfollow();
@@ -220,10 +220,6 @@ class CallView {
     if (this.startedTs) parts.push(`${offset((this.endedTs || Date.now()) - this.startedTs)} long`);
     if (this.legs.size) parts.push(`${this.legs.size} leg${this.legs.size > 1 ? "s" : ""}`);
     this.facts.textContent = parts.join(" · ");
-    if (c.gaps) {
-      this.warning.hidden = false;
-      this.warning.textContent = `${c.gaps} event${c.gaps > 1 ? "s" : ""} missed (trimmed from the stream or lost).`;
-    }
   }
 }
 

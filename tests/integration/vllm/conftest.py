@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[3]
 SHARED = REPO.parent / "shared"
 SHIM = SHARED / "tools" / "vllm_cpu_shim"
 TINY_MODEL = REPO / "build" / "tiny-qwen3-asr"
+_SHIM_GLOBALS: dict[str, object] = {}
 
 # The tiny model's engine: small batch, float32, no compilation (seconds to start, not minutes).
 TINY_ENGINE_ARGS = {
@@ -41,7 +42,8 @@ def _prepare_cpu_vllm() -> str | None:
         paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
         if str(SHIM) not in paths:
             os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [str(SHIM), *paths] if p)
-            runpy.run_path(str(SHIM / "sitecustomize.py"))
+            # Keep its globals: the torch.library object it creates must outlive this call.
+            _SHIM_GLOBALS.update(runpy.run_path(str(SHIM / "sitecustomize.py")))
     try:
         import vllm  # noqa: F401
     except Exception as exc:

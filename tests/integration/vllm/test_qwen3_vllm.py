@@ -66,10 +66,13 @@ async def test_many_legs_batch_on_one_engine_and_every_final_arrives(vllm_engine
     await asyncio.gather(*(s.finish() for s in streams))
 
     names = {s.name for s in streams}
+    # Requests that ran (superseded ones may be aborted before vLLM scheduled them).
     ours = [
-        (sched, end) for rid, _, sched, end in vllm_engine.stats.recent if rid.rsplit("/u", 1)[0] in names
+        (sched, end)
+        for rid, _, sched, end in vllm_engine.stats.recent
+        if rid.rsplit("/u", 1)[0] in names and end >= sched > 0
     ]
-    assert ours and all(end >= sched > 0 for sched, end in ours)
+    assert len(ours) >= legs
     # vLLM's own per-request timestamps: at least 8 legs' requests were running at once.
     assert max_overlap(ours) >= 8
     # Every leg got the same utterances (same audio), each with a final, in order.
