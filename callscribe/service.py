@@ -129,12 +129,18 @@ class Service:
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
         self.registry.accepting = False
+
+        async def drain() -> None:
+            # Ingest components end their own legs first: they hold audio not yet fed
+            # (jitter buffers, batches) that belongs in the last finals.
+            for component in reversed(self.components):
+                await component.stop()
+            await self.registry.close_all("shutdown")
+
         try:
-            await asyncio.wait_for(self.registry.close_all("shutdown"), drain_timeout)
+            await asyncio.wait_for(drain(), drain_timeout)
         except TimeoutError:
             log.error("drain timed out after %.0fs; %d legs cut", drain_timeout, len(self.registry.legs))
-        for component in reversed(self.components):
-            await component.stop()
         if self._http is not None and self._http_task is not None:
             self._http.should_exit = True
             await self._http_task

@@ -186,7 +186,12 @@ class RtpIngest:
         """End a leg (reason released) once its last final is out; False if unknown."""
         media = self._legs.get(leg_id)
         if media is None:
-            return False
+            # Possibly ending already (idle timeout): wait for its last final all the same.
+            leg = self._registry.get(leg_id)
+            if leg is None:
+                return False
+            await leg.close("released")
+            return True
         self._emit(media, media.receiver.flush())
         self._forget(media)
         await media.leg.close("released")

@@ -78,6 +78,9 @@ class SphinxOptions:
     partial_interval_ms: int = 250
     max_utterance_s: float = 20.0
     idle_decoders: int = 4
+    # Decoding is throughput work; the event loop (jitter buffers, publishing) is latency work
+    # on the same cores, so the workers yield to it.
+    worker_nice: int = 5
     decoder_config: tuple[tuple[str, Any], ...] = ()
 
 
@@ -198,7 +201,9 @@ class _Worker:
         """Flush the endpointer's buffered speech (a clip cut mid-word) into a final."""
         ep = leg.endpointer
         if ep.in_speech:
-            rest = ep.end_stream(leg.pending[: ep.frame_bytes])
+            # The binding indexes the buffer's first sample, so it cannot take b"": one silent
+            # sample instead.
+            rest = ep.end_stream(leg.pending or b"\0\0")
             if rest:
                 self._decode(key, leg, rest)
         leg.pending = b""
@@ -276,6 +281,8 @@ def worker_main(
     options: SphinxOptions, inbox: MpQueue[tuple[Any, ...]], outbox: MpQueue[tuple[Any, ...]]
 ) -> None:
     """Entry point of a worker process (spawned, so it imports only this module)."""
+    if options.worker_nice:
+        os.nice(options.worker_nice)
     try:
         worker = _Worker(options, outbox)
     except Exception as exc:
@@ -341,6 +348,10 @@ class SphinxEngine(Engine):
     def worker_init_s(self) -> list[float]:
         """Time each worker took to load the model and its first Decoder."""
         return [h.init_s for h in self._handles]
+
+    @property
+    def worker_pids(self) -> list[int | None]:
+        return [h.process.pid for h in self._handles]
 
     @property
     def worker_rss_mb(self) -> list[float]:

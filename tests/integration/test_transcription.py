@@ -41,7 +41,7 @@ async def transcribe_call(
     service: Any, redis: aioredis.Redis, call_id: str, legs: dict[str, tuple[Clip, str]]
 ) -> list[Any]:
     """Reserve one RTP leg per entry, stream them concurrently with ffmpeg, hang up, return the events."""
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{service.http_port}", timeout=30) as http:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{service.http_port}", timeout=120) as http:
         reserved = {}
         for leg, (_clip, codec) in legs.items():
             reply = await http.post("/v1/legs", json={"call_id": call_id, "leg": leg, "codec": codec})
@@ -50,8 +50,8 @@ async def transcribe_call(
         await asyncio.gather(
             *(ffmpeg_rtp(clip, reserved[leg]["rtp_port"], codec) for leg, (clip, codec) in legs.items())
         )
-        for leg in legs:
-            reply = await http.delete(f"/v1/legs/{reserved[leg]['leg_id']}")
+        replies = await asyncio.gather(*(http.delete(f"/v1/legs/{r['leg_id']}") for r in reserved.values()))
+        for reply in replies:
             assert reply.status_code == 204, reply.text
     return await read_call_events(redis, service.settings.key_prefix, call_id, until=EventType.CALL_ENDED)
 

@@ -75,8 +75,25 @@ async def played(player: MediaPlayer, timeout: float = 30) -> None:  # noqa: ASY
         await asyncio.sleep(0.1)
 
 
-def sample(service: Service, name: str, **labels: str) -> float:
-    return service.metrics.registry.get_sample_value(name, labels) or 0.0
+class Scrape:
+    """One GET /metrics, parsed the way Prometheus reads it."""
+
+    def __init__(self, text: str) -> None:
+        self.values = {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    def __call__(self, name: str, **labels: str) -> float:
+        return self.values.get((name, frozenset(labels.items())), 0.0)
+
+
+async def scrape(service: Service) -> Scrape:
+    async with httpx.AsyncClient(timeout=30) as client:
+        reply = await client.get(f"http://127.0.0.1:{service.http_port}/metrics")
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain")
+    return Scrape(reply.text)
 
 
 async def test_two_leg_webrtc_call_is_transcribed_and_moves_the_metrics(
@@ -91,8 +108,9 @@ async def test_two_leg_webrtc_call_is_transcribed_and_moves_the_metrics(
             whip_peer(base, caller_wav, "web-call-1", "caller") as (caller, caller_url),
             whip_peer(base, agent_wav, "web-call-1", "agent") as (agent, agent_url),
         ):
-            assert sample(svc, "callscribe_active_calls") == 1
-            assert sample(svc, "callscribe_active_legs") == 2
+            during = await scrape(svc)
+            assert during("callscribe_active_calls") == 1
+            assert during("callscribe_active_legs") == 2
             await asyncio.gather(played(caller), played(agent))
             async with httpx.AsyncClient(timeout=120) as client:
                 hangups = await asyncio.gather(
@@ -100,8 +118,7 @@ async def test_two_leg_webrtc_call_is_transcribed_and_moves_the_metrics(
                 )
             assert [r.status_code for r in hangups] == [200, 200]
         events = await read_call_events(redis, key_prefix, "web-call-1", timeout=30)
-        page = await httpx.AsyncClient().get(f"{base}/metrics")
-        families = {f.name: f for f in text_string_to_metric_families(page.text)}
+        sample = await scrape(svc)
 
     assert [e.type for e in events].count(EventType.CALL_ENDED) == 1
     legs = {e.leg: e for e in events if e.type == EventType.LEG_STARTED}
@@ -115,29 +132,23 @@ async def test_two_leg_webrtc_call_is_transcribed_and_moves_the_metrics(
         assert ended.meta["reason"] == "hangup"
         # The whole WAV reached the engine: its length, give or take the jitter buffer's start.
         wav_ms = 1000 * (clip.seconds + 1.7)
-        assert wav_ms - 300 <= ended.meta["audio_ms"] <= wav_ms + 300, (leg, ended.meta, wav_ms)
+        assert wav_ms - 400 <= ended.meta["audio_ms"] <= wav_ms + 400, (leg, ended.meta, wav_ms)
 
     # Metrics moved by what the call carried.
     audio_ms = sum(e.meta["audio_ms"] for e in events if e.type == EventType.LEG_ENDED)
-    assert sample(svc, "callscribe_audio_seconds_total") == pytest.approx(audio_ms / 1000, abs=0.01)
-    frames = sample(svc, "callscribe_packets_received_total", transport="webrtc")
+    assert sample("callscribe_audio_seconds_total") == pytest.approx(audio_ms / 1000, abs=0.01)
+    frames = sample("callscribe_packets_received_total", transport="webrtc")
     assert frames == pytest.approx(audio_ms / 20, rel=0.05)  # one 20 ms Opus frame per packet
-    assert sample(svc, "callscribe_packets_dropped_total", transport="webrtc", reason="lost") == 0
+    assert sample("callscribe_packets_dropped_total", transport="webrtc", reason="lost") == 0
     for kind in (EventType.PARTIAL, EventType.FINAL, EventType.LEG_STARTED, EventType.CALL_ENDED):
-        stored = sum(1 for e in events if e.type == kind)
-        assert sample(svc, "callscribe_events_published_total", type=str(kind)) == stored, kind
+        # Distinct (leg, seq): delivery is at-least-once, a retried write may store an entry twice.
+        stored = len({(e.leg, e.seq) for e in events if e.type == kind})
+        assert sample("callscribe_events_published_total", type=str(kind)) == stored, kind
     timed_finals = sum(1 for e in events if e.type == EventType.FINAL and e.latency_ms is not None)
     assert timed_finals > 0
-    assert sample(svc, "callscribe_final_latency_seconds_count") == timed_finals
-    assert sample(svc, "callscribe_active_calls") == 0
-    assert sample(svc, "callscribe_active_legs") == 0
-    # The text exposition carries the same families (what Prometheus scrapes).
-    for name in (
-        "callscribe_packets_received",
-        "callscribe_audio_seconds",
-        "callscribe_final_latency_seconds",
-    ):
-        assert name in families, name
+    assert sample("callscribe_final_latency_seconds_count") == timed_finals
+    assert sample("callscribe_active_calls") == 0
+    assert sample("callscribe_active_legs") == 0
 
 
 async def test_whip_requires_the_bearer_token(make_service: ServiceFactory, tmp_path: Path) -> None:

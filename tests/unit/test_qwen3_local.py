@@ -46,3 +46,12 @@ async def test_without_vllm_installed_the_reason_is_one_line() -> None:
     with pytest.raises(EngineUnavailable, match=r"vLLM is not installed .*callscribe\[vllm\]") as info:
         await engine.start()
     assert "\n" not in str(info.value)
+
+
+def test_seed_llm_constructor_reports_errors_like_the_engine() -> None:
+    from callscribe.engine.qwen3.seed import Qwen3ASRModel
+
+    with pytest.raises(EngineUnavailable, match="does not exist"):
+        Qwen3ASRModel.LLM(model="/nonexistent/qwen3-asr", max_new_tokens=256)
+    with pytest.raises(ValueError, match="timestamps"):
+        Qwen3ASRModel.LLM(model="/nonexistent/qwen3-asr", forced_aligner="Qwen/Qwen3-ForcedAligner-0.6B")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from callscribe.bridge.rtp import Audio, Drop, Dtmf, LegEvent, RtpLegReceiver, RtpPacket
 from callscribe.codecs import encoder_for, spec_by_name
@@ -154,3 +156,35 @@ def test_batching_joins_packets_and_poll_releases_old_audio() -> None:
     events = rx.receive(rtp(6, 800, digit, pt=101), 0.16)
     # Audio before the digit comes out first, so the digit is stamped after it.
     assert [type(e).__name__ for e in events] == ["Audio", "Dtmf"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 127),
+            st.integers(0, 65535),
+            st.integers(0, 2**32 - 1),
+            st.sampled_from([1, 2]),
+            st.binary(max_size=400),
+            st.floats(0, 0.5),
+        ),
+        max_size=40,
+    )
+)
+def test_hostile_packet_streams_never_raise(packets: list[tuple[int, int, int, int, bytes, float]]) -> None:
+    rx = RtpLegReceiver(
+        "opus", payload_types={111: "opus", 118: "l16-16k", 9: "g722"}, batch_ms=60, max_gap_ms=500
+    )
+    now = 0.0
+    produced = 0
+    for pt, seq, ts, ssrc, payload, step in packets:
+        now += step
+        for event in [*rx.receive(RtpPacket(pt, seq, ts, ssrc, payload).serialize(), now), *rx.poll(now)]:
+            if isinstance(event, Audio):
+                produced += event.pcm.size
+    for event in rx.flush():
+        if isinstance(event, Audio):
+            produced += event.pcm.size
+    # Concealment is capped: at most the cap per packet plus the largest decoded payload.
+    assert produced <= len(packets) * (48000 // 2 + 48000 * 120 // 1000 + 400)

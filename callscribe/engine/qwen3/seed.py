@@ -72,18 +72,36 @@ class Qwen3ASRModel:
         self._ids = itertools.count()
 
     @classmethod
-    def LLM(cls, model: str, **vllm_args: Any) -> Qwen3ASRModel:
-        """Start an in-process vLLM engine (its own event loop thread) for `model`."""
+    def LLM(
+        cls,
+        model: str,
+        forced_aligner: str | None = None,
+        max_inference_batch_size: int = -1,
+        max_new_tokens: int | None = None,
+        **vllm_args: Any,
+    ) -> Qwen3ASRModel:
+        """Start an in-process vLLM engine (its own event loop thread) for `model`. The
+        seed's own arguments keep their meaning: `max_new_tokens` caps each final (partials
+        keep their short cap), `max_inference_batch_size` is moot (vLLM batches), and the
+        forced aligner (timestamps) is not part of streaming in the seed either."""
         from callscribe.engine.qwen3.local import LocalQwen3Engine
 
+        if forced_aligner is not None:
+            raise ValueError(f"forced_aligner {forced_aligner!r}: timestamps are not supported in streaming")
+        del max_inference_batch_size
+        config = StreamingConfig()
+        if max_new_tokens is not None:
+            config = StreamingConfig(final_max_tokens=max_new_tokens)
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name="callscribe-qwen3", daemon=True)
         thread.start()
-        engine = LocalQwen3Engine(model, vllm_args)
+        engine = LocalQwen3Engine(model, vllm_args, config)
         try:
             asyncio.run_coroutine_threadsafe(engine.start(), loop).result()
         except BaseException:
             loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=10)
+            loop.close()
             raise
         instance = cls(engine, loop)
         instance._owned_thread = thread

@@ -44,8 +44,10 @@ class LegView {
     this.name = name;
     this.lastSeq = 0;
     this.lastFinalUtt = -1;
+    this.lastError = null;
     this.startedTs = null;
-    this.list = el("ol", { class: "transcript", role: "log", "aria-live": "polite",
+    // tabindex: a scrollable region must be reachable from the keyboard.
+    this.list = el("ol", { class: "transcript", role: "log", "aria-live": "polite", tabindex: "0",
                            "aria-label": `${name} transcript` });
     this.stable = el("span", { class: "stable" });
     this.unstable = el("span", { class: "unstable" });
@@ -56,10 +58,13 @@ class LegView {
       el("h4", {}, el("span", { class: "leg-name", text: name }), this.state), this.list, this.partial);
   }
 
-  add(item) {
+  // Lines are kept in leg-time order (`at`, ms from the leg's start), not arrival order: a final
+  // can arrive after a later DTMF or error when the engine runs behind.
+  add(item, at) {
     const atBottom = this.list.scrollHeight - this.list.scrollTop - this.list.clientHeight < 40;
-    item.classList.add("fresh");
-    this.list.append(item);
+    item.dataset.at = at;
+    const next = [...this.list.children].find((child) => Number(child.dataset.at) > at);
+    this.list.insertBefore(item, next || null);
     if (atBottom) this.list.scrollTop = this.list.scrollHeight;
   }
 
@@ -73,7 +78,7 @@ class LegView {
         this.startedTs = ev.ts;
         this.state.textContent = `started ${clock(ev.ts)}`;
         this.add(el("li", { class: "event lifecycle" }, el("time", { text: "0:00" }),
-          el("span", { text: `leg started${ev.meta && ev.meta.transport ? ` (${ev.meta.transport})` : ""}` })));
+          el("span", { text: `leg started${ev.meta && ev.meta.transport ? ` (${ev.meta.transport})` : ""}` })), 0);
         break;
       case "partial":
         if (ev.utt !== null && ev.utt <= this.lastFinalUtt) break;
@@ -91,24 +96,37 @@ class LegView {
         if (!ev.text) break; // an utterance of noise: nothing to read
         const time = el("time", { text: `${offset(ev.start_ms)}–${offset(ev.end_ms)}`,
                                   title: `${this.wall(ev.start_ms)} – ${this.wall(ev.end_ms)}` });
-        this.add(el("li", { class: "final", "data-utt": ev.utt }, time, el("span", { class: "text", text: ev.text })));
+        this.add(el("li", { class: "final", "data-utt": ev.utt }, time, el("span", { class: "text", text: ev.text })),
+                 ev.start_ms ?? 0);
         break;
       }
       case "dtmf":
         this.add(el("li", { class: "event dtmf" }, el("time", { text: offset(ev.start_ms) }),
-          el("span", { class: "chip dtmf", text: `DTMF ${ev.text}` })));
+          el("span", { class: "chip dtmf", text: `DTMF ${ev.text}` })), ev.start_ms ?? 0);
         break;
       case "leg.ended":
         this.partial.replaceChildren();
         this.node.dataset.ended = "true";
         this.state.textContent = `ended ${clock(ev.ts)}`;
         this.add(el("li", { class: "event lifecycle" }, el("time", { text: offset(ev.end_ms) }),
-          el("span", { text: `leg ended${ev.meta && ev.meta.reason ? ` (${ev.meta.reason})` : ""}` })));
+          el("span", { text: `leg ended${ev.meta && ev.meta.reason ? ` (${ev.meta.reason})` : ""}` })),
+          Number.MAX_SAFE_INTEGER);
         break;
-      case "error":
-        this.add(el("li", { class: "event error", role: "alert" }, el("time", { text: "" }),
-          el("span", { text: `error: ${ev.text}` })));
+      case "error": {
+        // An overloaded engine repeats the same error: count it on one line instead of flooding.
+        const last = this.lastError;
+        if (last && last.dataset.text === ev.text) {
+          last.dataset.count = Number(last.dataset.count) + 1;
+          last.querySelector(".repeat").textContent = ` ×${last.dataset.count}`;
+          break;
+        }
+        const at = this.startedTs === null ? 0 : Math.max(0, ev.ts - this.startedTs);
+        const item = el("li", { class: "event error", role: "alert", "data-text": ev.text, "data-count": "1" },
+          el("time", { text: offset(at) }), el("span", { text: `error: ${ev.text}` }, el("span", { class: "repeat" })));
+        this.add(item, at);
+        this.lastError = item;
         break;
+      }
     }
   }
 }

@@ -19,6 +19,8 @@ from callscribe.engine.qwen3.streaming import Qwen3Engine, StreamingConfig, roll
 from callscribe.engine.vad import WebRtcVad
 from tests.support import load_clip
 
+pytestmark = pytest.mark.vllm
+
 
 def speech(name: str) -> Audio:
     clip = load_clip(name)

@@ -15,7 +15,10 @@ from tests.conftest import ServiceFactory
 from tests.integration.test_transcription import transcribe_call
 from tests.support import load_clip
 
-pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed")
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed"),
+]
 
 
 class Borrowed(Engine):
