@@ -246,8 +246,10 @@ async def run(args: argparse.Namespace) -> None:
     before = engine.stats.audio_tokens
     await stream_callscribe(engine, [long_leg], 2.0)
     ours_tokens = engine.stats.audio_tokens - before
+    print(f"(a) callscribe done: {ours_tokens} audio tokens", file=sys.stderr)
     (seed_state,), _ = await stream_seed(seed, [long_leg], 2.0)
     seed_tokens = seed_state.audio_tokens
+    print(f"(a) seed loop done: {seed_tokens} audio tokens", file=sys.stderr)
 
     # (b) + (c) many concurrent legs
     legs = [leg_audio(speech, leg_sec, i * 37 * SAMPLE_RATE // 10) for i in range(legs_n)]
@@ -256,6 +258,7 @@ async def run(args: argparse.Namespace) -> None:
     timings = await stream_callscribe(engine, legs, 2.0)
     ours_wall = time.monotonic() - t0
     ours_decodes = engine.stats.partials_completed + engine.stats.finals_completed - decodes_before
+    print(f"(b) callscribe done in {ours_wall:.1f}s", file=sys.stderr)
     t0 = time.monotonic()
     seed_states, seed_delays = await stream_seed(seed, legs, 2.0)
     seed_wall = time.monotonic() - t0

@@ -21,9 +21,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.support's clips
 
-from callscribe.engine.base import SAMPLE_RATE, Recognition  # noqa: E402
-from callscribe.engine.sphinx import SphinxEngine, SphinxOptions  # noqa: E402
-from tests.support import CLIPS, load_clip  # noqa: E402
+from callscribe.engine.base import SAMPLE_RATE, Recognition
+from callscribe.engine.sphinx import SphinxEngine, SphinxOptions
+from tests.support import CLIPS, load_clip
 
 FRAME = SAMPLE_RATE // 50
 

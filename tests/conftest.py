@@ -56,7 +56,6 @@ def make_service(key_prefix: str) -> ServiceFactory:
             "rtp_port": free_port(),
             "rtp_port_range": free_port_range(),
             "audiosocket_port": 0,
-            "audiosocket_port": 0,  # any free TCP port: svc.audiosocket.port
         }
         values.update(overrides)
         async with Service(Settings(**values), engine=engine) as service:

@@ -190,6 +190,7 @@ class AudioSocketServer:
         self.limit = SourceLimit(settings.fork_max_connections_per_source)
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[Any]] = set()
+        self._open: set[AudioSocketConnection] = set()
 
     @property
     def port(self) -> int:
@@ -207,6 +208,8 @@ class AudioSocketServer:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+        # Legs first, with the reason subscribers should see, then the sockets.
+        await asyncio.gather(*(c.leg.close("shutdown") for c in self._open if c.leg is not None))
         for task in list(self._connections):
             task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
@@ -230,9 +233,12 @@ class AudioSocketServer:
                     self.limit.per_source,
                 )
                 return
+            connection = AudioSocketConnection(self, reader, writer, source)
+            self._open.add(connection)
             try:
-                await AudioSocketConnection(self, reader, writer, source).run()
+                await connection.run()
             finally:
+                self._open.discard(connection)
                 self.limit.release(source)
         finally:
             writer.close()

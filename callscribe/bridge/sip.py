@@ -20,6 +20,8 @@ MAGIC_COOKIE = "z9hG4bK"
 MAX_HEADERS = 256
 MAX_HEADER_BYTES = 32 * 1024
 MAX_BODY_BYTES = 256 * 1024
+# Transactions live up to 64*T1 after their answer: this bounds what a request flood can hold.
+MAX_TRANSACTIONS = 20_000
 
 # RFC 3261 §17.1.1.1 and table 4.
 T1 = 0.5
@@ -614,6 +616,8 @@ class UasCore:
 
     def _receive_request(self, request: SipRequest, peer: Peer, now: float) -> list[SipEvent]:
         method = request.method
+        if len(self._transactions) >= MAX_TRANSACTIONS and method != "ACK":
+            return [MessageDropped("overload", f"{len(self._transactions)} transactions open")]
         if method == "ACK":
             return self._receive_ack(request, now)
         key = transaction_key(request)

@@ -20,9 +20,10 @@ which `ratio` must agree to switch). Every utterance gets exactly one `Final`, a
 has no words (text ""): `utt` numbers stay dense and a consumer can pair partials with their
 final. Partials are sent every `partial_interval_ms` of speech audio decoded (when the
 hypothesis is not empty); `stable`/`unstable` come from `split_stable`. An utterance longer
-than `max_utterance_s` is cut there (the second pass cost grows with its length). A leg's
-first utterance is decoded twice (see `_redecode_warm`): live CMN starts from a wideband
-mean and the phone band needs the leg's own.
+than `max_utterance_s` is cut there (the final pass cost grows with its length). Partials
+come from a live decoder per leg (first search pass only, live CMN); every final comes from
+one more decode of the whole utterance (`_final_pass`: batch CMN, all passes), which is what
+makes the phone band usable with this wideband model.
 
 Backlog: each leg may have at most `max_backlog_s` of audio sent to its worker and not yet
 decoded. Audio beyond that is dropped (never queued without bound), the leg gets one
@@ -100,8 +101,7 @@ class _LegDecoding:
     utt_decoded: int = 0
     since_partial: int = 0
     pending: bytes = b""  # less than one endpointer frame
-    warm: bool = False  # the live CMN has adapted to this leg's channel
-    first_speech: list[bytes] = field(default_factory=list)  # utterance audio until warm
+    utt_audio: list[bytes] = field(default_factory=list)  # the open utterance, for its final pass
 
 
 class _Worker:
@@ -123,14 +123,19 @@ class _Worker:
         self.lm = NGramModel(Config(loglevel="FATAL"), first.logmath, lm_path) if lm_path else None
         self.cmn_init = str(first.config["cmninit"])
         self.idle: list[Any] = [self._new_decoder()]
+        # One full-quality decoder per worker decodes every final (they are sequential here).
+        self.final_decoder = self._new_decoder(final=True)
         del first
         self.init_s = time.perf_counter() - started
         self.legs: dict[int, _LegDecoding] = {}
 
-    def _new_decoder(self) -> Any:
+    def _new_decoder(self, final: bool = False) -> Any:
+        # Live decoders only produce partials: the first (tree) pass is enough for them; the
+        # final decoder adds the flat and best-path passes.
+        config = self._config if final else {**self._config, "fwdflat": False, "bestpath": False}
         if self.lm is None:
-            return self._decoder_cls(**self._config)
-        decoder = self._decoder_cls(**{**self._config, "lm": None})
+            return self._decoder_cls(**config)
+        decoder = self._decoder_cls(**{**config, "lm": None})
         decoder.add_lm("shared", self.lm)
         decoder.activate_search("shared")
         return decoder
@@ -226,8 +231,7 @@ class _Worker:
         for at in range(0, len(speech), frame_bytes):
             chunk = speech[at : at + frame_bytes]
             leg.decoder.process_raw(chunk)
-            if not leg.warm:
-                leg.first_speech.append(chunk)
+            leg.utt_audio.append(chunk)
             samples = len(chunk) // _BYTES_PER_SAMPLE
             leg.utt_decoded += samples
             leg.since_partial += samples
@@ -242,28 +246,23 @@ class _Worker:
                 self._end_utt(key, leg)
                 self._start_utt(leg, start)
 
-    def _redecode_warm(self, leg: _LegDecoding) -> None:
-        """Decode a leg's first utterance again, now that the live CMN has adapted to it.
-
-        Live CMN starts from `cmninit`, a wideband mean; on the phone path (8 kHz band) the first
-        utterance is decoded with a badly wrong mean (measured WER 0.64-0.75 on the test clips,
-        0.38-0.57 after this second pass). Later utterances start from the adapted mean.
-        """
-        leg.warm = True
-        speech, leg.first_speech = leg.first_speech, []
-        leg.decoder.get_cmn(True)
-        leg.decoder.start_utt()
-        for chunk in speech:
-            leg.decoder.process_raw(chunk)
-        leg.decoder.end_utt()
+    def _final_pass(self, speech: bytes) -> str:
+        """Decode a whole utterance at once: CMN from the utterance itself (batch mode) and
+        all search passes. Live CMN starts from a wideband mean and adapts slowly, so on the
+        phone band (8 kHz) the streaming hypothesis is far worse: measured on the test clips
+        sent as μ-law, corpus WER 0.52 streaming vs 0.36 with this pass."""
+        decoder = self.final_decoder
+        decoder.start_utt()
+        decoder.process_raw(speech, full_utt=True)
+        decoder.end_utt()
+        hyp = decoder.hyp()
+        return hyp.hypstr if hyp is not None else ""
 
     def _end_utt(self, key: int, leg: _LegDecoding) -> None:
         leg.decoder.end_utt()
-        if not leg.warm:
-            self._redecode_warm(leg)
-        hyp = leg.decoder.hyp()
+        speech, leg.utt_audio = b"".join(leg.utt_audio), []
+        text = self._final_pass(speech) if speech else ""
         start = leg.utt_start_samples
-        text = hyp.hypstr if hyp is not None else ""
         self.outbox.put(("final", key, leg.utt, text, start, start + leg.utt_decoded))
         leg.utt += 1
         leg.in_utt = False

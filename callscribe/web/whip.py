@@ -10,6 +10,7 @@ parameter becomes leg metadata.
 from __future__ import annotations
 
 import hmac
+import logging
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,8 @@ from callscribe.web.app import error
 
 if TYPE_CHECKING:
     from callscribe.service import Service
+
+log = logging.getLogger(__name__)
 
 MAX_OFFER_BYTES = 64 * 1024
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:@+")
@@ -59,6 +62,10 @@ def authorized(request: Request, token: str | None) -> bool:
 def whip_routes(service: Service) -> list[BaseRoute]:
     ingest: WhipIngest = service.whip
     token = service.settings.whip_token.get_secret_value() if service.settings.whip_token else None
+    if token is None and service.settings.http_host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning(
+            "WHIP ingest on %s accepts any client: set CALLSCRIBE_WHIP_TOKEN", service.settings.http_host
+        )
 
     def unauthorized() -> Response:
         response = error(401, "a valid 'Authorization: Bearer <token>' header is required")

@@ -34,6 +34,7 @@ class PcapStream:
     start_sec: float = 0.0
     lead_silence_sec: float = 0.3
     tail_silence_sec: float = 1.0
+    max_sec: float | None = None  # only the clip's first seconds
 
 
 def _udp_frame(payload: bytes, dport: int, sport: int) -> bytes:
@@ -52,8 +53,9 @@ def _udp_frame(payload: bytes, dport: int, sport: int) -> bytes:
 def pcmu_frames(stream: PcapStream) -> list[bytes]:
     """20 ms μ-law payloads of the clip, encoded by ffmpeg as a PBX would put it on the wire,
     with the stream's leading and trailing silence."""
+    limit = ["-t", str(stream.max_sec)] if stream.max_sec else []
     encoded = subprocess.run(
-        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-i", str(stream.clip.path), "-ac", "1",
+        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-i", str(stream.clip.path), *limit, "-ac", "1",
          "-ar", "8000", "-f", "mulaw", "-"],
         capture_output=True, check=True,
     ).stdout  # fmt: skip

@@ -129,11 +129,13 @@ async def test_cancel_before_answer(
     assert await redis.exists(f"{key_prefix}:call:{{{cid}-1}}") == 0
 
 
+@pytest.mark.timeout(900)
 async def test_capacity_half_refused_with_retry_after(
     make_service: ServiceFactory, redis: aioredis.Redis, key_prefix: str, tmp_path: Path
 ) -> None:
-    clip = load_clip("librivox-0890")
-    pcap = PcapStream(clip, tail_silence_sec=0.5)
+    # Each answered call says the first 2 s of a clip: 50 legs of speech at once is already
+    # several times what the embedded engine decodes in real time on a 2-core test machine.
+    pcap = PcapStream(load_clip("librivox-0870"), max_sec=2.0, tail_silence_sec=0.7)
     seconds = write_pcmu_pcap(tmp_path / "capacity.pcap", [pcap])
     cid = call_id()
     async with make_service(
@@ -151,26 +153,26 @@ async def test_capacity_half_refused_with_retry_after(
         )
         assert result.returncode == 0, result.log + result.stderr
         answered = [line.split()[-1] for line in result.log.splitlines() if line.startswith("answered ")]
-        refused = [line for line in result.log.splitlines() if line.startswith("refused ")]
+        refused = [line.split()[1] for line in result.log.splitlines() if line.startswith("refused ")]
         assert len(answered) == 50 and len(refused) == 50
-        assert all(line.endswith("retry-after=17") for line in refused)
-        calls = {
-            answered_id: await read_call_events(redis, key_prefix, answered_id, timeout=300)
-            for answered_id in answered
-        }
+        assert all(
+            line.endswith("retry-after=17") for line in result.log.splitlines() if line.startswith("refused ")
+        )
+        calls = {a: await read_call_events(redis, key_prefix, a, timeout=600) for a in answered}
         assert not svc.registry.calls
-    # Every answered call got all of its audio; the refused ones never opened a leg.
-    expected_ms = int((pcap.lead_silence_sec + clip.seconds + pcap.tail_silence_sec) * 1000)
+    # Every answered call got all of its audio and words back; the refused ones opened nothing.
+    expected_ms = int((pcap.lead_silence_sec + 2.0 + pcap.tail_silence_sec) * 1000)
     for answered_id, events in calls.items():
         [ended] = [e for e in events if e.type == EventType.LEG_ENDED]
         assert ended.meta["audio_ms"] >= expected_ms * 0.9, (answered_id, ended.meta)
-    # Fifty legs at once overload the embedded engine on a small machine (it sheds audio with
-    # an error event rather than falling behind), so most, not all, come out word-perfect.
-    good = sum(jiwer.wer(clip.reference, finals_text(events)) <= 0.5 for events in calls.values())
-    print(f"capacity: {good}/50 answered calls transcribed with WER <= 0.5")
-    assert good >= 25, f"only {good} of 50 answered calls transcribed"
-    for refused_line in refused:
-        assert await redis.exists(f"{key_prefix}:call:{{{refused_line.split()[1]}}}") == 0
+    heard = [finals_text(events) for events in calls.values()]
+    # "and mister john dashwood had then": under this overload the engine may shed audio (it
+    # says so with an error event), so most calls, not necessarily all, come back with words.
+    transcribed = sum("john" in text or "dashwood" in text or "mister" in text for text in heard)
+    print(f"capacity: {transcribed}/50 answered calls transcribed: {heard[:3]}")
+    assert transcribed >= 40, heard
+    for refused_id in refused:
+        assert await redis.exists(f"{key_prefix}:call:{{{refused_id}}}") == 0
 
 
 async def test_mutated_messages_over_the_wire_are_answered_or_counted(make_service: ServiceFactory) -> None:

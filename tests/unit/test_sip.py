@@ -273,3 +273,16 @@ def test_transactions_expire() -> None:
     core.handle_timers(64 * T1 + 1)
     assert core.next_deadline() is None
     assert T2 > T1
+
+
+def test_request_flood_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import callscribe.bridge.sip as sip
+
+    monkeypatch.setattr(sip, "MAX_TRANSACTIONS", 5)
+    core = UasCore("<sip:c@h>")
+    for n in range(5):
+        assert core.receive(request("OPTIONS", branch=f"z9hG4bK-{n}"), PEER, 0.0) == []
+    [dropped] = core.receive(request("OPTIONS", branch="z9hG4bK-6"), PEER, 0.0)
+    assert isinstance(dropped, MessageDropped) and dropped.reason == "overload"
+    core.handle_timers(64 * T1 + 1)  # answered transactions expire (Timer J) and make room
+    assert core.receive(request("OPTIONS", branch="z9hG4bK-7"), PEER, 64 * T1 + 2) == []
