@@ -82,6 +82,7 @@ async def run_demo(
         "CALLSCRIBE_HTTP_PORT": str(http_port),
         "CALLSCRIBE_RTP_PORT": str(_free_port(socket.SOCK_DGRAM)),
         "CALLSCRIBE_ENGINE": "sphinx",
+        "CALLSCRIBE_LOG_LEVEL": os.environ.get("CALLSCRIBE_LOG_LEVEL", "warning"),
     }
     echo(f"starting callscribe serve (HTTP :{http_port}, embedded sphinx engine)")
     server = await asyncio.create_subprocess_exec(sys.executable, "-m", "callscribe", "serve", env=env)

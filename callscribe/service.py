@@ -8,8 +8,9 @@ Ingest servers other than HTTP are `Component`s: anything with async start()/sto
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any, Protocol
 
 import uvicorn
@@ -44,6 +45,15 @@ def create_engine(settings: Settings) -> Engine:
 
         return RemoteQwen3Engine.from_settings(settings)
     raise ValueError(f"unknown engine {settings.engine!r}")
+
+
+class _EmbeddedHttpServer(uvicorn.Server):
+    """uvicorn inside the service's loop: SIGTERM belongs to the service (it drains legs
+    first), so uvicorn must not install its own handlers."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
 
 
 class Service:
@@ -92,8 +102,7 @@ class Service:
             log_level="warning",
             lifespan="off",
         )
-        self._http = uvicorn.Server(config)
-        self._http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._http = _EmbeddedHttpServer(config)
         self._http_task = asyncio.create_task(self._http.serve())
         while not self._http.started:
             if self._http_task.done():

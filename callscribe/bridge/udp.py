@@ -103,6 +103,7 @@ class RtpIngest:
     ) -> None:
         self._settings = settings
         self._registry = registry
+        self._refusal_logged_at = float("-inf")
         self._metrics = metrics
         # A PBX sends every call from the same address; a sender inventing SSRCs must not
         # be able to open legs until the registry is full for everyone else.
@@ -322,7 +323,10 @@ class RtpIngest:
             self._metrics.drop(TRANSPORT, "leg_closing")
             return None
         except AtCapacity as exc:
-            log.warning("auto-leg refused for %s: %s", call_id, exc)
+            # Every packet of a refused source lands here: log at most every 10 s.
+            if now - self._refusal_logged_at >= 10.0:
+                self._refusal_logged_at = now
+                log.warning("auto-leg refused for %s: %s (further refusals counted, not logged)", call_id, exc)
             self._metrics.drop(TRANSPORT, "at_capacity")
             return None
         media = _LegMedia(leg, self._new_receiver(self._settings.rtp_dynamic_codec, None), now, addr)

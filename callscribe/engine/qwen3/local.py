@@ -181,6 +181,12 @@ class LocalQwen3Engine(Qwen3Engine):
                     "lower max_model_len or max_num_seqs, "
                     "or raise gpu_memory_utilization (GPU) / VLLM_CPU_KVCACHE_SPACE (CPU)"
                 ) from None
+            if "initialization failed" in reason:
+                # The cause (most often memory: KV cache, weights) is in the engine process's log.
+                reason = (
+                    "its engine process failed, see vLLM's log above; if it ran out of memory, lower "
+                    "max_model_len or max_num_seqs, or adjust gpu_memory_utilization / VLLM_CPU_KVCACHE_SPACE"
+                )
             raise EngineUnavailable(f"vLLM could not start {self.model}: {reason}") from None
         scheduler = self.llm.vllm_config.scheduler_config
         self._partial_budget = max(1, int(scheduler.max_num_seqs * _PARTIAL_SHARE))
