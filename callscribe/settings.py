@@ -111,7 +111,7 @@ class Settings(BaseSettings):
             try:
                 ipaddress.ip_network(entry.strip(), strict=False)
             except ValueError:
-                raise ValueError(f"sip_allow_networks entry {entry!r} is not a network like 10.0.0.0/8") from None
+                raise ValueError(f"sip_allow_networks entry {entry!r} is not like 10.0.0.0/8") from None
         return value
 
     @property

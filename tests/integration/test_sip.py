@@ -164,7 +164,7 @@ async def test_capacity_half_refused_with_retry_after(
     expected_ms = int((pcap.lead_silence_sec + 2.0 + pcap.tail_silence_sec) * 1000)
     for answered_id, events in calls.items():
         [ended] = [e for e in events if e.type == EventType.LEG_ENDED]
-        assert ended.meta["audio_ms"] >= expected_ms * 0.9, (answered_id, ended.meta)
+        assert ended.meta["audio_ms"] >= expected_ms * 0.8, (answered_id, ended.meta)
     heard = [finals_text(events) for events in calls.values()]
     # "and mister john dashwood had then": under this overload the engine may shed audio (it
     # says so with an error event), so most calls, not necessarily all, come back with words.
