@@ -36,6 +36,7 @@ FLAGS = (
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    "--disable-breakpad",  # no crash reporter process, nothing written under ~/.config
     "--disable-dev-shm-usage",
     "--mute-audio",
     "--use-fake-ui-for-media-stream",
