@@ -63,6 +63,9 @@ def serve(
     vllm_arg: Annotated[
         list[str] | None, typer.Option(help="extra vLLM engine argument KEY=VALUE (repeatable)")
     ] = None,
+    vllm_url: Annotated[
+        list[str] | None, typer.Option(help="vllm serve replica for engine remote (repeatable)")
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error")] = None,
     drain_timeout: Annotated[float, typer.Option(help="seconds to flush open legs on SIGTERM")] = 30.0,
 ) -> None:
@@ -85,6 +88,7 @@ def serve(
             engine=engine,
             model=model,
             vllm_args=parse_vllm_args(vllm_arg) if vllm_arg else None,
+            vllm_urls=vllm_url or None,
             log_level=log_level,
         )
     except (ValidationError, FileNotFoundError, ValueError) as exc:

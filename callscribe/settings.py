@@ -92,6 +92,15 @@ class Settings(BaseSettings):
     model: str | None = None
     vllm_args: dict[str, Any] = Field(default_factory=dict)
     language: str | None = None
+    # Engine remote: `vllm serve` replicas (OpenAI-compatible base URLs, e.g. http://gpu1:8000)
+    vllm_urls: list[str] = Field(default_factory=list, description="vllm serve replicas of engine remote")
+    vllm_request_timeout_sec: float = Field(
+        30.0, gt=0, description="a remote decode (or a silent stream) longer than this fails over"
+    )
+    vllm_health_interval_sec: float = Field(2.0, gt=0, description="how often replicas' /health is polled")
+    vllm_priority_scheduling: bool = Field(
+        False, description="replicas run with --scheduling-policy priority: finals are sent with priority 0"
+    )
 
     log_level: str = "info"
     log_json: bool = False

@@ -139,7 +139,10 @@ async def test_capacity_half_refused_with_retry_after(
     seconds = write_pcmu_pcap(tmp_path / "capacity.pcap", [pcap])
     cid = call_id()
     async with make_service(
-        **sip_settings(max_calls=50, sip_retry_after_sec=17), rtp_port_range=free_port_range(120)
+        **sip_settings(max_calls=50, sip_retry_after_sec=17),
+        rtp_port_range=free_port_range(120),
+        # sipp sends every call's RTP from its one media port: 50 streams from one source.
+        max_packets_per_sec_per_source=5000,
     ) as svc:
         result = await run_sipp(
             "capacity_uac.xml",
@@ -148,7 +151,9 @@ async def test_capacity_half_refused_with_retry_after(
             call_id=cid,
             calls=100,
             rate=400,
-            extra=["-d", str(int((seconds + 1.0) * 1000))],
+            # sipp paces 50 pcap plays at once by sleeping between packets: on a busy machine
+            # they run late, so the BYE waits well past the capture's length.
+            extra=["-d", str(int((seconds + 4.0) * 1000))],
             sipp_timeout=180,
         )
         assert result.returncode == 0, result.log + result.stderr
@@ -162,9 +167,13 @@ async def test_capacity_half_refused_with_retry_after(
         assert not svc.registry.calls
     # Every answered call got all of its audio and words back; the refused ones opened nothing.
     expected_ms = int((pcap.lead_silence_sec + 2.0 + pcap.tail_silence_sec) * 1000)
-    for answered_id, events in calls.items():
-        [ended] = [e for e in events if e.type == EventType.LEG_ENDED]
-        assert ended.meta["audio_ms"] >= expected_ms * 0.8, (answered_id, ended.meta)
+    short = {
+        answered_id: ended.meta["audio_ms"]
+        for answered_id, events in calls.items()
+        for ended in events
+        if ended.type == EventType.LEG_ENDED and ended.meta["audio_ms"] < expected_ms * 0.9
+    }
+    assert not short, f"legs that missed audio (expected {expected_ms} ms): {short}"
     heard = [finals_text(events) for events in calls.values()]
     # "and mister john dashwood had then": under this overload the engine may shed audio (it
     # says so with an error event), so most calls, not necessarily all, come back with words.

@@ -1,0 +1,1 @@
+"""Coverage-guided fuzzing (atheris) of every parser that reads bytes from the network."""
