@@ -255,12 +255,16 @@ class CallRegistry:
         log.info("leg ended call_id=%s leg=%s audio_ms=%d", leg.call_id, leg.name, leg.audio_ms)
         if not call.legs and self.calls.get(call.call_id) is call:
             del self.calls[call.call_id]
-            self._publish_call(call, EventType.CALL_ENDED, meta={"duration_ms": int((time.time() - call.started) * 1000)})
+            self._publish_call(
+                call, EventType.CALL_ENDED, meta={"duration_ms": int((time.time() - call.started) * 1000)}
+            )
         self._update_gauges()
 
     def _publish_call(self, call: Call, kind: EventType, meta: dict[str, Any]) -> None:
         self._sink.publish(
-            TranscriptEvent(type=kind, call_id=call.call_id, seq=call.next_seq(), engine=self._engine.name, meta=meta)
+            TranscriptEvent(
+                type=kind, call_id=call.call_id, seq=call.next_seq(), engine=self._engine.name, meta=meta
+            )
         )
 
     def _update_gauges(self) -> None:

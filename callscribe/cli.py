@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -54,11 +55,15 @@ def serve(
     redis_url: Annotated[str | None, typer.Option(help="Redis URL, e.g. redis://127.0.0.1:6379/0")] = None,
     key_prefix: Annotated[str | None, typer.Option(help="prefix of every Redis key")] = None,
     http_host: Annotated[str | None, typer.Option(help="HTTP bind address")] = None,
-    http_port: Annotated[int | None, typer.Option(help="HTTP port (health, legs API, metrics, forks)")] = None,
+    http_port: Annotated[
+        int | None, typer.Option(help="HTTP port (health, legs API, metrics, forks)")
+    ] = None,
     rtp_host: Annotated[str | None, typer.Option(help="RTP bind address")] = None,
     rtp_port: Annotated[int | None, typer.Option(help="auto-leg RTP port")] = None,
     rtp_port_range: Annotated[str | None, typer.Option(help="RTP ports for reserved legs, LOW-HIGH")] = None,
-    engine: Annotated[str | None, typer.Option(help="sphinx (embedded CPU), vllm (in process), remote")] = None,
+    engine: Annotated[
+        str | None, typer.Option(help="sphinx (embedded CPU), vllm (in process), remote")
+    ] = None,
     model: Annotated[str | None, typer.Option(help="model path or name for the vllm engine")] = None,
     vllm_arg: Annotated[
         list[str] | None, typer.Option(help="extra vLLM engine argument KEY=VALUE (repeatable)")
@@ -160,17 +165,17 @@ def format_event(event: TranscriptEvent) -> str:
 
 @app.command()
 def tail(
-    call_id: Annotated[str | None, typer.Option(help="follow one call (default: every call that starts)")] = None,
+    call_id: Annotated[
+        str | None, typer.Option(help="follow one call (default: every call that starts)")
+    ] = None,
     redis_url: Annotated[str, typer.Option(envvar="CALLSCRIBE_REDIS_URL")] = "redis://127.0.0.1:6379/0",
     key_prefix: Annotated[str, typer.Option(envvar="CALLSCRIBE_KEY_PREFIX")] = "callscribe",
     from_start: Annotated[bool, typer.Option(help="replay the stream from its beginning")] = False,
     partials: Annotated[bool, typer.Option(help="show partial hypotheses")] = True,
 ) -> None:
     """Print transcript events from Redis as they arrive."""
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_tail(redis_url, key_prefix, call_id, "0-0" if from_start else "$", partials))
-    except KeyboardInterrupt:
-        pass
 
 
 async def _tail(redis_url: str, prefix: str, call_id: str | None, start: str, partials: bool) -> None:
@@ -202,7 +207,9 @@ def demo(
         raise fail("no demo clip found; pass --clip FILE.wav")
     configure_logging("warning")
     try:
-        asyncio.run(run_demo(path, redis_url=redis_url, speed=speed, codec=codec, echo=typer.echo, fmt=format_event))
+        asyncio.run(
+            run_demo(path, redis_url=redis_url, speed=speed, codec=codec, echo=typer.echo, fmt=format_event)
+        )
     except RuntimeError as exc:
         raise fail(str(exc), 1) from None
 

@@ -72,7 +72,9 @@ async def run_demo(
     try:
         await redis.ping()
     except Exception as exc:
-        raise RuntimeError(f"Redis is not reachable at {redis_url} ({exc}); start it or set --redis-url") from None
+        raise RuntimeError(
+            f"Redis is not reachable at {redis_url} ({exc}); start it or set --redis-url"
+        ) from None
 
     http_port = _free_port(socket.SOCK_STREAM)
     env = {

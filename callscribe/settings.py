@@ -154,7 +154,9 @@ def parse_port_range(value: str) -> range:
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Settings from arguments, env and a TOML file (`config_file` or $CALLSCRIBE_CONFIG)."""
-    path = config_file or (Path(os.environ["CALLSCRIBE_CONFIG"]) if os.environ.get("CALLSCRIBE_CONFIG") else None)
+    path = config_file or (
+        Path(os.environ["CALLSCRIBE_CONFIG"]) if os.environ.get("CALLSCRIBE_CONFIG") else None
+    )
     if path is not None and not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
 

@@ -71,7 +71,11 @@ def free_port_range(size: int = 20) -> str:
 
 
 async def read_call_events(
-    redis: aioredis.Redis, prefix: str, call_id: str, until: EventType = EventType.CALL_ENDED, timeout: float = 60
+    redis: aioredis.Redis,
+    prefix: str,
+    call_id: str,
+    until: EventType = EventType.CALL_ENDED,
+    timeout: float = 60,
 ) -> list[TranscriptEvent]:
     """Every event of one call from its stream, waiting until an event of type `until` arrives."""
     key = f"{prefix}:call:{{{call_id}}}"

@@ -326,7 +326,9 @@ class RtpIngest:
             # Every packet of a refused source lands here: log at most every 10 s.
             if now - self._refusal_logged_at >= 10.0:
                 self._refusal_logged_at = now
-                log.warning("auto-leg refused for %s: %s (further refusals counted, not logged)", call_id, exc)
+                log.warning(
+                    "auto-leg refused for %s: %s (further refusals counted, not logged)", call_id, exc
+                )
             self._metrics.drop(TRANSPORT, "at_capacity")
             return None
         media = _LegMedia(leg, self._new_receiver(self._settings.rtp_dynamic_codec, None), now, addr)

@@ -15,7 +15,9 @@ from callscribe.events import EventType
 from tests.conftest import ServiceFactory
 from tests.support import CLIPS, Clip, finals_text, load_clip, read_call_events
 
-pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed (make test installs it)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("ffmpeg") is None, reason="ffmpeg is not installed (make test installs it)"
+)
 
 # ffmpeg arguments per callscribe codec: what a PBX or SBC would put on the wire.
 FFMPEG_CODECS: dict[str, list[str]] = {
@@ -61,7 +63,9 @@ async def corpus_wer(make_service: ServiceFactory, redis: aioredis.Redis, codec:
     hypotheses = []
     async with make_service() as service:
         for clip in clips:
-            events = await transcribe_call(service, redis, f"wer-{codec}-{clip.name}", {"caller": (clip, codec)})
+            events = await transcribe_call(
+                service, redis, f"wer-{codec}-{clip.name}", {"caller": (clip, codec)}
+            )
             hypotheses.append(finals_text(events))
     wer = float(jiwer.wer([c.reference for c in clips], hypotheses))
     print(f"\n{codec}: WER {wer:.3f}")
@@ -81,7 +85,9 @@ async def test_ulaw_calls_are_transcribed_and_16k_l16_is_no_worse(
 
 
 @pytest.mark.parametrize("codec", ["pcma", "opus"])
-async def test_other_codecs_transcribe(make_service: ServiceFactory, redis: aioredis.Redis, codec: str) -> None:
+async def test_other_codecs_transcribe(
+    make_service: ServiceFactory, redis: aioredis.Redis, codec: str
+) -> None:
     clip = load_clip("librivox-0890")
     async with make_service() as service:
         events = await transcribe_call(service, redis, f"codec-{codec}", {"caller": (clip, codec)})

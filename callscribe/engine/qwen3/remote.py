@@ -252,14 +252,15 @@ class RemoteBackend:
         rid = request.request_id
         leg = leg_of(rid)
         body = self._body(request, priority)
-        last_error = "no attempt made"
+        last_error = "none"
+        attempt = 0
         try:
             for attempt in range(1, self._max_attempts + 1):
                 if rid in self._aborted:
                     return DecodeResult("", aborted=True)
                 replica = await self._replica_for(leg)
                 if replica is None:
-                    last_error = f"no replica up for {self._timeout:.0f} s"
+                    last_error = f"no replica up for {self._timeout:.0f} s; last failure {last_error}"
                     break
                 body["request_id"] = f"{rid}#{attempt}"  # a retry may land on the same replica
                 stream = asyncio.get_running_loop().create_task(
@@ -296,9 +297,7 @@ class RemoteBackend:
                 return result
         finally:
             self._aborted.pop(rid, None)
-        raise RemoteUnavailable(
-            f"{request.kind} {rid} failed after {self._max_attempts} attempts: {last_error}"
-        )
+        raise RemoteUnavailable(f"{request.kind} {rid} gave up after {attempt} attempt(s): {last_error}")
 
     async def abort(self, request_id: str) -> None:
         """Closing the stream makes vLLM abort the request on its side."""
