@@ -34,11 +34,19 @@ def _speech_8k(seconds: float = 0.4) -> np.ndarray:
 def _rtp_packets(count: int = 12) -> list[bytes]:
     clip = load_clip("librivox-0870")
     frames = packetize(clip.pcm[: clip.rate], clip.rate, spec_by_name("pcmu"), 20)[:count]
-    packets = [RtpPacket(0, 1000 + i, 8000 + ts, 0x1234ABCD, payload).serialize() for i, (ts, payload) in enumerate(frames)]
+    packets = [
+        RtpPacket(0, 1000 + i, 8000 + ts, 0x1234ABCD, payload).serialize()
+        for i, (ts, payload) in enumerate(frames)
+    ]
     dtmf = [
-        RtpPacket(101, 1000 + count + i, 8000 + count * 160, 0x1234ABCD, event.serialize(), marker=i == 0).serialize()
+        RtpPacket(
+            101, 1000 + count + i, 8000 + count * 160, 0x1234ABCD, event.serialize(), marker=i == 0
+        ).serialize()
         for i, event in enumerate(
-            [TelephoneEvent.for_digit("5", duration=160), TelephoneEvent.for_digit("5", end=True, duration=800)]
+            [
+                TelephoneEvent.for_digit("5", duration=160),
+                TelephoneEvent.for_digit("5", end=True, duration=800),
+            ]
         )
     ]
     return packets + dtmf
@@ -62,7 +70,8 @@ def seeds() -> dict[str, list[bytes]]:
     sip = [load(name) for name in MESSAGES]
     bodies = [m.partition(b"\r\n\r\n")[2] for m in sip]
     content_types = [(parse_message(m).headers.get("content-type") or "").encode() for m in sip]
-    sdp_bodies, metadata = [bodies[0]], []
+    sdp_bodies: list[bytes] = [bodies[0]]
+    metadata: list[bytes] = []
     for content_type, body in zip(content_types[1:], bodies[1:], strict=True):
         for part in split_multipart(content_type.decode(), body):
             (sdp_bodies if "sdp" in part.content_type else metadata).append(part.content)
@@ -71,13 +80,13 @@ def seeds() -> dict[str, list[bytes]]:
     ulaw = [p[12:] for p in rtp[:10]]
     names = sorted(DIALECTS)
     left = pcm8k[: 8000 // 5]
-    fork_streams = {
+    fork_streams: dict[str, list[str | bytes]] = {
         "asterisk": fork_senders.asterisk_websocket_stream("1700000000.1", ulaw),
         "freeswitch": fork_senders.freeswitch_stereo_stream({"callId": "fs-1"}, left, left, 8000),
-        "twilio": fork_senders.twilio_stream("CA" + "0" * 32, ulaw, ulaw),
-        "telnyx": fork_senders.telnyx_stream("v3:abc", ulaw),
-        "plivo": fork_senders.plivo_stream("plivo-1", ulaw),
-        "exotel": fork_senders.exotel_stream("exo-1", pcm8k[:1600]),
+        "twilio": [*fork_senders.twilio_stream("CA" + "0" * 32, ulaw, ulaw)],
+        "telnyx": [*fork_senders.telnyx_stream("v3:abc", ulaw)],
+        "plivo": [*fork_senders.plivo_stream("plivo-1", ulaw)],
+        "exotel": [*fork_senders.exotel_stream("exo-1", pcm8k[:1600])],
     }
     return {
         "rtp_packet": rtp,
@@ -91,7 +100,9 @@ def seeds() -> dict[str, list[bytes]]:
         "siprec_metadata": metadata,
         "siprec_body": [ct + b"\n" + body for ct, body in zip(content_types, bodies, strict=True)],
         "websocket_fork": [
-            _fork_input(names.index(name), messages) for name, messages in fork_streams.items() if name in names
+            _fork_input(names.index(name), messages)
+            for name, messages in fork_streams.items()
+            if name in names
         ],
     }
 

@@ -16,7 +16,9 @@ with atheris.instrument_imports(include=["callscribe"]):
 
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in TARGETS:
-        raise SystemExit(f"usage: python -m fuzz.fuzz TARGET [libFuzzer args]; TARGET is one of {sorted(TARGETS)}")
+        raise SystemExit(
+            f"usage: python -m fuzz.fuzz TARGET [libFuzzer args]; TARGET is one of {sorted(TARGETS)}"
+        )
     target = TARGETS[sys.argv[1]]
     atheris.Setup([sys.argv[0], *sys.argv[2:]], target)
     atheris.Fuzz()

@@ -10,6 +10,7 @@ declare -A need=(
   [chromium]=chromium      # WebRTC + dashboard browser tests
   [chromedriver]=chromium-driver
   [redis-server]=redis-server
+  [docker-compose]=docker-compose  # validates docker-compose.yml (no daemon needed)
 )
 missing=()
 for cmd in "${!need[@]}"; do

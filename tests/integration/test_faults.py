@@ -153,7 +153,7 @@ async def test_redis_killed_mid_load_loses_no_final(
             own_redis.start()
             await asyncio.gather(*senders)
             deadline = time.monotonic() + 60
-            while sum(e.type == EventType.CALL_ENDED for e in emitted) < 2 and time.monotonic() < deadline:
+            while sum(e.type == EventType.CALL_ENDED for e in emitted) < 2 and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.2)
             assert await svc.publisher.wait_flushed(30), "the outage buffer never drained"
             final_depth = await gauge(http, metrics_url, "callscribe_outage_buffer_depth")
@@ -177,9 +177,11 @@ async def test_redis_killed_mid_load_loses_no_final(
 
 
 @contextlib.asynccontextmanager
-async def serve_process(key_prefix: str, drain_timeout: float) -> AsyncIterator[tuple[subprocess.Popen[bytes], int, int]]:
+async def serve_process(
+    key_prefix: str, drain_timeout: float
+) -> AsyncIterator[tuple[subprocess.Popen[bytes], int, int]]:
     http_port, rtp_port = free_port(socket.SOCK_STREAM), free_port()
-    process = subprocess.Popen(
+    process = subprocess.Popen(  # noqa: ASYNC220 - started once, before the test's I/O
         [
             sys.executable,
             "-m",
@@ -199,7 +201,11 @@ async def serve_process(key_prefix: str, drain_timeout: float) -> AsyncIterator[
             str(drain_timeout),
         ],
         cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin", "CALLSCRIBE_AUDIOSOCKET_PORT": "0", "CALLSCRIBE_LEG_IDLE_TIMEOUT_SEC": "60"},
+        env={
+            "PATH": "/usr/bin:/bin",
+            "CALLSCRIBE_AUDIOSOCKET_PORT": "0",
+            "CALLSCRIBE_LEG_IDLE_TIMEOUT_SEC": "60",
+        },
     )
     try:
         async with httpx.AsyncClient(timeout=2) as http:
@@ -235,7 +241,7 @@ async def test_sigterm_drains_open_legs_to_finals_and_exits_zero(
     async with serve_process(key_prefix, drain_timeout) as (process, _http_port, rtp_port):
         sender = asyncio.create_task(send_wav(clip.path, "127.0.0.1", rtp_port, codec="pcmu"))
         deadline = time.monotonic() + 20
-        while not (calls := await call_events(redis, key_prefix)) and time.monotonic() < deadline:
+        while not (calls := await call_events(redis, key_prefix)) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.2)
         assert calls, "the leg never started"
         await asyncio.sleep(2.5)
@@ -258,6 +264,8 @@ async def test_sigterm_drains_open_legs_to_finals_and_exits_zero(
     types = [e.type for e in events]
     finals = [e for e in events if e.type == EventType.FINAL]
     assert finals and all(f.text for f in finals), f"the open utterance was not flushed to a final: {types}"
-    assert max(f.end_ms or 0 for f in finals) >= 2000, "the final does not cover the audio sent before SIGTERM"
+    assert max(f.end_ms or 0 for f in finals) >= 2000, (
+        "the final does not cover the audio sent before SIGTERM"
+    )
     assert EventType.LEG_ENDED in types and types[-1] == EventType.CALL_ENDED, types
     assert types.index(EventType.LEG_ENDED) > types.index(finals[-1].type)
