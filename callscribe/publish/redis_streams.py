@@ -147,7 +147,7 @@ class RedisStreamsPublisher:
         self._sender = asyncio.create_task(self._run(), name="redis-streams-sender")
 
     # `timeout` parameters: the API the service and the HTTP app call (see service.py).
-    async def wait_flushed(self, timeout: float) -> bool:  # noqa: ASYNC109
+    async def wait_flushed(self, timeout: float) -> bool:
         """True once every event published before this call has been written (or dropped
         as superseded); False if that takes longer than `timeout` seconds."""
         target = self._buffer.last_ordinal
@@ -159,7 +159,7 @@ class RedisStreamsPublisher:
             return False
         return True
 
-    async def close(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    async def close(self, timeout: float = 10.0) -> None:
         """Flush what Redis takes within `timeout`, spool the rest (or say loudly what is lost)."""
         if self._closed:
             return

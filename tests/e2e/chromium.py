@@ -67,7 +67,7 @@ class Page:
             raise BrowserError(f"{expression[:80]!r} threw: {reply['exceptionDetails']}")
         return reply["result"].get("value")
 
-    async def wait_for(self, expression: str, timeout: float, what: str = "") -> Any:  # noqa: ASYNC109
+    async def wait_for(self, expression: str, timeout: float, what: str = "") -> Any:
         """Poll `expression` until it is truthy; the error shows the page's console."""
         deadline = time.monotonic() + timeout
         while True:

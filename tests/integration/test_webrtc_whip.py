@@ -68,7 +68,7 @@ async def whip_peer(
         await pc.close()
 
 
-async def played(player: MediaPlayer, timeout: float = 30) -> None:  # noqa: ASYNC109
+async def played(player: MediaPlayer, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while player.audio is not None and player.audio.readyState != "ended":
         assert time.monotonic() < deadline, "the WAV did not finish playing"
