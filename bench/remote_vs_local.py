@@ -32,7 +32,10 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support: the server command
 from engine_vs_seed import REPO, SAMPLE_RATE, leg_audio, load_speech, percentile, prepare_cpu_vllm
+
+from tests.support import vllm_server_command
 
 TINY_MODEL = REPO / "build" / "tiny-qwen3-asr"
 ENGINE_ARGS: dict[str, Any] = {
@@ -42,31 +45,6 @@ ENGINE_ARGS: dict[str, Any] = {
     "enforce_eager": True,
     "max_num_seqs": 16,
 }
-
-
-def server_command(model: str, port: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        model,
-        "--load-format",
-        "dummy",
-        "--dtype",
-        "float32",
-        "--enforce-eager",
-        "--max-model-len",
-        "4096",
-        "--max-num-seqs",
-        "16",
-        "--scheduling-policy",
-        "priority",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
 
 
 def free_tcp_port() -> int:
@@ -135,7 +113,7 @@ def start_server(model: str) -> tuple[subprocess.Popen[bytes], str, str]:
     port = free_tcp_port()
     with tempfile.NamedTemporaryFile(prefix="vllm-serve-", suffix=".log", delete=False) as log:
         server = subprocess.Popen(
-            server_command(model, port),
+            vllm_server_command(model, port),
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,

