@@ -93,10 +93,8 @@ async def legs_lockstep(engine: Any, legs: int, seconds: float) -> tuple[float, 
     return wall, decodes, finals
 
 
-async def run_local(model: str, args: argparse.Namespace, audio: np.ndarray) -> dict[str, Any]:
-    from callscribe.engine.qwen3.local import LocalQwen3Engine
-
-    engine = LocalQwen3Engine(model, dict(ENGINE_ARGS))
+async def measure(engine: Any, args: argparse.Namespace, audio: np.ndarray) -> dict[str, Any]:
+    """The same measurements for either engine: single decodes, then the legs in lockstep."""
     await engine.start()
     try:
         singles = await single_decodes(engine, audio, args.singles)
@@ -104,6 +102,13 @@ async def run_local(model: str, args: argparse.Namespace, audio: np.ndarray) -> 
     finally:
         await engine.close()
     return {"singles": singles, "wall": wall, "decodes": decodes, "finals": finals}
+
+
+async def run_local(model: str, args: argparse.Namespace, audio: np.ndarray) -> dict[str, Any]:
+    from callscribe.engine.qwen3.local import LocalQwen3Engine
+
+    engine = LocalQwen3Engine(model, dict(ENGINE_ARGS))
+    return await measure(engine, args, audio)
 
 
 def start_server(model: str) -> tuple[subprocess.Popen[bytes], str, str]:
@@ -139,13 +144,7 @@ async def run_remote(url: str, model: str, args: argparse.Namespace, audio: np.n
     from callscribe.engine.qwen3.remote import RemoteQwen3Engine
 
     engine = RemoteQwen3Engine([url], model, priority_scheduling=True, request_timeout=120)
-    await engine.start()
-    try:
-        singles = await single_decodes(engine, audio, args.singles)
-        wall, decodes, finals = await legs_lockstep(engine, args.legs, args.seconds)
-    finally:
-        await engine.close()
-    return {"singles": singles, "wall": wall, "decodes": decodes, "finals": finals}
+    return await measure(engine, args, audio)
 
 
 def main() -> None:
