@@ -243,11 +243,11 @@ def exotel_stream(call_sid: str, pcm8k: Pcm) -> list[str]:
     return [*out, json.dumps({"event": "stop", "sequence_number": str(len(out)), "stream_sid": stream_sid})]
 
 
-def assert_heard(text: str, reference: str, max_wer: float = 0.9) -> None:
-    """The leg's finals are recognisably this clip: closer to its reference than to any other
-    clip's, and not hopelessly far. (Absolute accuracy is the engine's business: the small
-    embedded model on 8 kHz μ-law varies between WER ~0.5 and ~0.8 here with machine load.
-    A wrong leg, a lost utterance or garbled audio fails this.)"""
+def assert_heard(text: str, reference: str, max_wer: float = 0.6) -> None:
+    """The leg's finals are this clip: closer to its reference than to any other clip's, and
+    about as accurate as the embedded engine is on the phone path (8 kHz μ-law, per clip, offline:
+    0.29-0.50 WER, tests/integration/test_sphinx_engine.py). A wrong leg, a lost utterance or
+    garbled audio fails this."""
     assert text, f"nothing heard for {reference!r}"
     wer = float(jiwer.wer(reference, text))
     others = {name: float(jiwer.wer(load_clip(name).reference, text)) for name in CLIPS}

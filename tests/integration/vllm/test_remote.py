@@ -16,7 +16,7 @@ import socket
 import subprocess
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -242,6 +242,14 @@ def server_metric(url: str, name: str, label: str = "") -> float:
     return total
 
 
+async def wait_for_metric(url: str, name: str, wanted: Callable[[float], bool], what: str) -> None:
+    """Poll a replica's gauge: vLLM refreshes it from its stat loop, a step or more behind."""
+    deadline = time.monotonic() + 10
+    while not wanted(server_metric(url, name)):
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.2)
+
+
 async def test_superseding_closes_the_stream_and_vllm_aborts_the_request(
     remote_engine: RemoteQwen3Engine,
 ) -> None:
@@ -253,15 +261,15 @@ async def test_superseding_closes_the_stream_and_vllm_aborts_the_request(
     await asyncio.wait_for(started.wait(), 60)
     replica = remote_engine.router.replica_of("abort/leg/x")
     assert replica is not None
-    assert server_metric(replica.url, "vllm:num_requests_running") == 1
+    running = "vllm:num_requests_running"
+    await wait_for_metric(replica.url, running, lambda n: n == 1, "the request never showed as running")
     await backend.abort(request.request_id)
     result = await asyncio.wait_for(decode, 10)
     assert result.aborted
     # Left alone it would run for tens of seconds; closing the stream stops it on the server.
-    deadline = time.monotonic() + 10
-    while server_metric(replica.url, "vllm:num_requests_running") > 0:
-        assert time.monotonic() < deadline, "vLLM kept running the request whose stream was closed"
-        await asyncio.sleep(0.2)
+    await wait_for_metric(
+        replica.url, running, lambda n: n == 0, "vLLM kept running the request whose stream was closed"
+    )
 
 
 @pytest.mark.parametrize("mode", ["error", "malformed", "hang"])
