@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import socket
 import sys
 import time
@@ -77,6 +78,7 @@ async def run_demo(
         ) from None
 
     http_port = _free_port(socket.SOCK_STREAM)
+    api_token = secrets.token_urlsafe(24)
     env = {
         **os.environ,
         "CALLSCRIBE_REDIS_URL": redis_url,
@@ -84,13 +86,20 @@ async def run_demo(
         "CALLSCRIBE_HTTP_PORT": str(http_port),
         "CALLSCRIBE_RTP_PORT": str(_free_port(socket.SOCK_DGRAM)),
         "CALLSCRIBE_ENGINE": "sphinx",
+        # The demo's private bridge: only this machine, and its legs API behind a one-off token.
+        "CALLSCRIBE_ALLOW_NETWORKS": '["127.0.0.0/8"]',
+        "CALLSCRIBE_API_TOKEN": api_token,
         "CALLSCRIBE_LOG_LEVEL": os.environ.get("CALLSCRIBE_LOG_LEVEL", "warning"),
     }
     echo(f"starting callscribe serve (HTTP :{http_port}, embedded sphinx engine)")
     server = await asyncio.create_subprocess_exec(sys.executable, "-m", "callscribe", "serve", env=env)
     call_id = f"demo-{uuid.uuid4().hex[:8]}"
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=30) as http:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{http_port}",
+            headers={"Authorization": f"Bearer {api_token}"},
+            timeout=30,
+        ) as http:
             await _wait_ready(http, server, timeout=120)
             reply = await http.post("/v1/legs", json={"call_id": call_id, "leg": "caller", "codec": codec})
             if reply.status_code != 201:

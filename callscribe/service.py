@@ -20,6 +20,7 @@ from callscribe.calls import CallRegistry
 from callscribe.engine.base import Engine
 from callscribe.metrics import Metrics
 from callscribe.publish.redis_streams import RedisStreamsPublisher
+from callscribe.security import AccessPolicy
 from callscribe.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ class _EmbeddedHttpServer(uvicorn.Server):
 class Service:
     def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
         self.settings = settings
+        # One policy for every ingest: who may send media or call the API, and with which secret.
+        self.policy = AccessPolicy.from_settings(settings)
         self.metrics = Metrics()
         self.engine = engine or create_engine(settings)
         self.publisher = RedisStreamsPublisher(settings, self.metrics)
@@ -84,12 +87,12 @@ class Service:
 
         await self.publisher.start()
         await self.engine.start()
-        self.rtp = RtpIngest(self.settings, self.registry, self.metrics)
+        self.rtp = RtpIngest(self.settings, self.registry, self.metrics, self.policy)
         self.components.append(self.rtp)
         if self.settings.sip_enabled:
             from callscribe.bridge.sip_transport import SipServer
 
-            self.sip = SipServer(self.settings, self.rtp, self.metrics, self.registry)
+            self.sip = SipServer(self.settings, self.rtp, self.metrics, self.policy, self.registry)
             self.components.append(self.sip)
         self._add_webrtc_and_dashboard()
         self._add_media_forks()
@@ -117,6 +120,7 @@ class Service:
             self.settings.rtp_host,
             self.settings.rtp_port,
         )
+        log.info("access %s", self.policy.describe())
 
     def _add_webrtc_and_dashboard(self) -> None:
         from callscribe.bridge.webrtc import WhipIngest
@@ -132,7 +136,7 @@ class Service:
         from callscribe.bridge.audiosocket import AudioSocketServer
         from callscribe.web.forks import fork_routes
 
-        self.audiosocket = AudioSocketServer(self.settings, self.registry, self.metrics)
+        self.audiosocket = AudioSocketServer(self.settings, self.registry, self.metrics, self.policy)
         self.components.append(self.audiosocket)
         self.route_factories.append(fork_routes)
 

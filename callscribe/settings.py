@@ -1,20 +1,26 @@
-"""Configuration: CALLSCRIBE_* environment variables, then an optional TOML file, then defaults."""
+"""Configuration: CALLSCRIBE_* environment variables, secret files in $CALLSCRIBE_SECRETS_DIR,
+then an optional TOML file (never holding secrets), then defaults."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
+    SecretsSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
+from callscribe.security import parse_networks
+
 EngineName = Literal["sphinx", "vllm", "remote"]
+SECRETS_DIR_ENV = "CALLSCRIBE_SECRETS_DIR"
 
 
 class Settings(BaseSettings):
@@ -36,9 +42,6 @@ class Settings(BaseSettings):
     http_port: int = 8080
 
     # WebRTC (WHIP) ingest and the live dashboard
-    whip_token: SecretStr | None = Field(
-        None, description="bearer token WHIP clients must send (env CALLSCRIBE_WHIP_TOKEN); unset = open"
-    )
     sse_max_sec: float = Field(
         300.0, gt=0, description="dashboard event streams are recycled after this long (clients resume)"
     )
@@ -64,27 +67,43 @@ class Settings(BaseSettings):
     )
     max_calls: int = Field(100, ge=1, description="SIP calls/recording sessions at once; more get 503")
     sip_retry_after_sec: int = Field(30, ge=1, description="Retry-After of a 503 at capacity")
-    sip_auth_realm: str = "callscribe"
-    sip_auth_user: str | None = Field(None, description="digest-authenticate INVITEs when set")
-    sip_auth_password: SecretStr | None = Field(None, description="from CALLSCRIBE_SIP_AUTH_PASSWORD")
-    sip_allow_networks: list[str] = Field(
-        default_factory=list, description="source networks allowed to INVITE (empty: any)"
-    )
 
     # Media forks: AudioSocket (TCP) and the websocket forks under /fork/* on the HTTP port
     audiosocket_host: str = "127.0.0.1"
     audiosocket_port: int = Field(9092, ge=0, le=65535, description="AudioSocket TCP port (0: any free port)")
+    fork_max_connections_per_source: int = Field(
+        200, ge=1, description="open fork/AudioSocket connections allowed per source address"
+    )
+    fork_max_frame_bytes: int = Field(
+        262_144, ge=1024, description="larger websocket messages (AudioSocket frames) are dropped"
+    )
+
+    # Security (callscribe.security.AccessPolicy): who may send media or control the bridge.
+    # SecretStr fields come from CALLSCRIBE_* env or files in CALLSCRIBE_SECRETS_DIR only:
+    # the TOML file is refused when it holds one (config files get committed).
+    allow_networks: list[str] = Field(
+        default_factory=list,
+        description="source networks allowed on every ingest: RTP, AudioSocket, forks, WHIP, SIP, "
+        "/v1/legs (empty: any)",
+    )
+    api_token: SecretStr | None = Field(
+        None, description="bearer token POST/GET/DELETE /v1/legs require; unset = open"
+    )
+    whip_token: SecretStr | None = Field(
+        None, description="bearer token WHIP clients must send; unset = open"
+    )
     fork_auth_token: SecretStr | None = Field(
         None, description="shared secret fork senders must present (Bearer, Basic password, ?token=)"
     )
     twilio_auth_token: SecretStr | None = Field(
         None, description="Twilio auth token: /fork/twilio then requires a valid X-Twilio-Signature"
     )
-    fork_max_connections_per_source: int = Field(
-        200, ge=1, description="open fork/AudioSocket connections allowed per source address"
-    )
-    fork_max_frame_bytes: int = Field(
-        262_144, ge=1024, description="larger websocket messages (AudioSocket frames) are dropped"
+    sip_auth_realm: str = "callscribe"
+    sip_auth_user: str | None = Field(None, description="digest-authenticate INVITEs when set")
+    sip_auth_password: SecretStr | None = Field(None, description="the digest password of sip_auth_user")
+    sip_allow_networks: list[str] = Field(
+        default_factory=list,
+        description="SIP only, on top of allow_networks: networks allowed to INVITE (empty: any)",
     )
 
     # Engine
@@ -111,16 +130,10 @@ class Settings(BaseSettings):
         parse_port_range(value)
         return value
 
-    @field_validator("sip_allow_networks")
+    @field_validator("allow_networks", "sip_allow_networks")
     @classmethod
     def _check_networks(cls, value: list[str]) -> list[str]:
-        import ipaddress
-
-        for entry in value:
-            try:
-                ipaddress.ip_network(entry.strip(), strict=False)
-            except ValueError:
-                raise ValueError(f"sip_allow_networks entry {entry!r} is not like 10.0.0.0/8") from None
+        parse_networks(value)
         return value
 
     @property
@@ -136,8 +149,47 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Precedence: explicit arguments (CLI), then CALLSCRIBE_* env, then the TOML file.
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+        # Precedence: explicit arguments (CLI), CALLSCRIBE_* env, secret files, the TOML file.
+        return (
+            init_settings,
+            env_settings,
+            *secrets_dir_source(settings_cls),
+            TomlWithoutSecrets(settings_cls),
+        )
+
+
+def secret_fields(settings_cls: type[BaseSettings]) -> frozenset[str]:
+    """Fields typed SecretStr: the ones the TOML file may not hold."""
+    return frozenset(
+        name for name, info in settings_cls.model_fields.items() if SecretStr in get_args(info.annotation)
+    )
+
+
+def secrets_dir_source(settings_cls: type[BaseSettings]) -> tuple[PydanticBaseSettingsSource, ...]:
+    """Files in $CALLSCRIBE_SECRETS_DIR (Docker/Kubernetes secrets), each named like the env
+    variable, case ignored: /run/secrets/CALLSCRIBE_WHIP_TOKEN holds whip_token."""
+    directory = os.environ.get(SECRETS_DIR_ENV)
+    if not directory:
+        return ()
+    if not Path(directory).is_dir():
+        raise SettingsError(f"{SECRETS_DIR_ENV}={directory} is not a directory")
+    return (SecretsSettingsSource(settings_cls, secrets_dir=directory),)
+
+
+class TomlWithoutSecrets(TomlConfigSettingsSource):
+    """The TOML source, refusing secrets: config files get committed, secrets must not."""
+
+    def __call__(self) -> dict[str, Any]:
+        values = super().__call__()
+        found = sorted(secret_fields(self.settings_cls) & {key.lower() for key in values})
+        if found:
+            names = ", ".join(found)
+            env = ", ".join(f"CALLSCRIBE_{name.upper()}" for name in found)
+            raise SettingsError(
+                f"config file {self.toml_file_path} sets the secret {names}: remove it from the file "
+                f"and set {env} in the environment or as a file in {SECRETS_DIR_ENV} instead"
+            )
+        return values
 
 
 def parse_port_range(value: str) -> range:

@@ -26,6 +26,7 @@ import numpy as np
 from callscribe.bridge.forks.admission import SourceLimit
 from callscribe.calls import AtCapacity, CallRegistry, Leg, LegConflict
 from callscribe.metrics import Metrics
+from callscribe.security import AccessPolicy
 from callscribe.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -183,8 +184,11 @@ def hangup_frame() -> bytes:
 class AudioSocketServer:
     """The Component: one TCP listener, one leg ("caller") per connection, named by its UUID."""
 
-    def __init__(self, settings: Settings, registry: CallRegistry, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, registry: CallRegistry, metrics: Metrics, policy: AccessPolicy
+    ) -> None:
         self.settings = settings
+        self.policy = policy
         self.registry = registry
         self.metrics = metrics
         self.limit = SourceLimit(settings.fork_max_connections_per_source)
@@ -224,6 +228,10 @@ class AudioSocketServer:
         peer = writer.get_extra_info("peername")
         source = str(peer[0]) if peer else "unknown"
         try:
+            if not self.policy.source_allowed(source):
+                self.metrics.drop(TRANSPORT, "not_allowed")
+                log.warning("AudioSocket connection from %s refused: not in allow_networks", source)
+                return
             if not self.limit.acquire(source):
                 self.metrics.drop(TRANSPORT, "connection-limit")
                 log.warning(

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import secrets
-from collections.abc import Iterable
 
 from callscribe.bridge.sip import SipRequest, parse_params, split_values
 
@@ -77,26 +75,3 @@ class DigestAuthenticator:
             if hmac.compare_digest(expected, params.get("response", "")):
                 return "ok" if state == "fresh" else "stale"
         return "denied"
-
-
-def parse_networks(values: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    """'10.0.0.0/8', '192.0.2.7' → networks; ValueError names the bad entry."""
-    networks = []
-    for value in values:
-        try:
-            networks.append(ipaddress.ip_network(value.strip(), strict=False))
-        except ValueError:
-            raise ValueError(
-                f"allow-list entry {value!r} is not an address or network like 10.0.0.0/8"
-            ) from None
-    return networks
-
-
-def address_allowed(host: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
-    if not networks:
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return any(address in network for network in networks)

@@ -36,7 +36,7 @@ from callscribe.bridge.sip import (
     SipRequest,
     UasCore,
 )
-from callscribe.bridge.sip_auth import DigestAuthenticator, address_allowed, parse_networks
+from callscribe.bridge.sip_auth import DigestAuthenticator
 from callscribe.bridge.siprec import (
     RecordedStream,
     RecordingMetadata,
@@ -46,6 +46,7 @@ from callscribe.bridge.siprec import (
 )
 from callscribe.calls import AtCapacity, LegConflict
 from callscribe.metrics import Metrics
+from callscribe.security import AccessPolicy
 from callscribe.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class SipCallHandler:
         core: UasCore,
         rtp: RtpPorts,
         metrics: Metrics,
+        policy: AccessPolicy,
         flush: Callable[[], None],
         clock: Callable[[], float],
         leg_open: Callable[[str], bool] = lambda leg_id: True,
@@ -138,11 +140,10 @@ class SipCallHandler:
         self._leg_open = leg_open
         self.sessions: dict[str, SipSession] = {}  # dialog id → session
         self._setting_up: dict[str, SipSession | None] = {}  # INVITE txn id → session being set up
-        self._networks = parse_networks(settings.sip_allow_networks)
+        self._policy = policy
         self._auth: DigestAuthenticator | None = None
-        if settings.sip_auth_user:
-            password = settings.sip_auth_password.get_secret_value() if settings.sip_auth_password else ""
-            self._auth = DigestAuthenticator(settings.sip_auth_realm, settings.sip_auth_user, password)
+        if policy.sip_auth_user:
+            self._auth = DigestAuthenticator(policy.sip_auth_realm, policy.sip_auth_user, policy.sip_password)
         self.public_host = settings.sip_public_host or settings.rtp_public_host or settings.sip_host
 
     @property
@@ -181,9 +182,13 @@ class SipCallHandler:
             self._respond(event.txn_id, 500)
 
     def _admit(self, event: InviteReceived) -> None:
-        if not address_allowed(event.peer.host, self._networks):
+        host = event.peer.host
+        if not self._policy.sip_source_allowed(host):
             self.metrics.legs_refused.labels(reason="sip_not_allowed").inc()
-            raise Rejected(403, f"Forbidden ({event.peer.host} is not in sip_allow_networks)")
+            which = "sip_allow_networks" if self._policy.source_allowed(host) else "allow_networks"
+            # Info, not warning: SIP scanners knock on public 5060 all day long.
+            log.info("SIP INVITE from %s refused: not in %s", host, which)
+            raise Rejected(403, f"Forbidden ({host} is not in {which})")
         if self._auth is not None:
             verdict = self._auth.check(event.request, self._clock_wall())
             if verdict != "ok":

@@ -27,6 +27,7 @@ from callscribe.bridge.sip import (
 from callscribe.bridge.sip_calls import ACCEPTED_BODIES, RtpPorts, SipCallHandler
 from callscribe.calls import CallRegistry
 from callscribe.metrics import Metrics
+from callscribe.security import AccessPolicy
 from callscribe.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -52,9 +53,15 @@ class SipServer:
     """SIP UAS on `settings.sip_host:sip_port` (UDP and TCP on the same port)."""
 
     def __init__(
-        self, settings: Settings, rtp: RtpPorts, metrics: Metrics, registry: CallRegistry | None = None
+        self,
+        settings: Settings,
+        rtp: RtpPorts,
+        metrics: Metrics,
+        policy: AccessPolicy,
+        registry: CallRegistry | None = None,
     ) -> None:
         self.settings = settings
+        self.policy = policy
         self._registry = registry
         self.metrics = metrics
         self._rtp = rtp
@@ -87,6 +94,7 @@ class SipServer:
             self.core,
             self._rtp,
             self.metrics,
+            self.policy,
             self.flush,
             loop.time,
             leg_open=(lambda leg_id: registry.get(leg_id) is not None) if registry else lambda leg_id: True,

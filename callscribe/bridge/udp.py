@@ -1,8 +1,8 @@
 """RTP over UDP: reserved leg ports (POST /v1/legs, SIP, SIPREC) and the auto-leg port.
 
-A thin asyncio shell around `RtpLegReceiver`: datagrams are checked (size, per-source rate,
-latched source), decoded inline (microseconds per packet) and fed to their leg. A ticker
-every 20 ms releases jitter-buffer gaps that waited long enough and ends idle legs.
+A thin asyncio shell around `RtpLegReceiver`: datagrams are checked (allow_networks, size,
+per-source rate, latched source), decoded inline (microseconds per packet) and fed to their
+leg. A ticker every 20 ms releases jitter-buffer gaps that waited long enough and ends idle legs.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from callscribe.bridge.rtp import Audio, Drop, LegEvent, RtpError, RtpLegReceive
 from callscribe.calls import AtCapacity, CallRegistry, Leg, LegConflict
 from callscribe.codecs import spec_by_name, spec_for_static_pt
 from callscribe.metrics import Metrics
+from callscribe.security import AccessPolicy
 from callscribe.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -98,10 +99,12 @@ class RtpIngest:
         settings: Settings,
         registry: CallRegistry,
         metrics: Metrics,
+        policy: AccessPolicy,
         max_auto_legs_per_source: int = 64,
         bucket_limit: int = 100_000,
     ) -> None:
         self._settings = settings
+        self._policy = policy
         self._registry = registry
         self._refusal_logged_at = float("-inf")
         self._metrics = metrics
@@ -226,12 +229,16 @@ class RtpIngest:
     # -- datagrams --------------------------------------------------------------------
 
     def _admit(self, data: bytes, addr: Address, now: float) -> bool:
-        """Size and per-source rate checks shared by every socket."""
+        """Source, size and per-source rate checks shared by every socket."""
         self._received.inc()
+        bucket = self._buckets.get(addr)
+        # Only allowed sources get a bucket, so the allow-list is checked once per source.
+        if bucket is None and not self._policy.source_allowed(str(addr[0])):
+            self._metrics.drop(TRANSPORT, "not_allowed")
+            return False
         if len(data) > self._settings.max_packet_bytes:
             self._metrics.drop(TRANSPORT, "oversize")
             return False
-        bucket = self._buckets.get(addr)
         if bucket is None:
             if len(self._buckets) >= self._bucket_limit:
                 self._buckets.clear()  # spoofed-source flood; buckets refill at the full rate

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import TYPE_CHECKING, Any
 
+from pydantic import SecretStr
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -12,15 +14,35 @@ from starlette.routing import BaseRoute, Route
 
 from callscribe.calls import AtCapacity, LegConflict
 from callscribe.codecs.base import CodecError
+from callscribe.security import AccessPolicy, bearer_authorized
 
 if TYPE_CHECKING:
     from callscribe.service import Service
+
+log = logging.getLogger(__name__)
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+def refusal(request: Request, policy: AccessPolicy, token: SecretStr | None, realm: str) -> Response | None:
+    """403 for a source outside allow_networks, 401 without the bearer `token` (when one is
+    set), None when the request may go on. The log line names the source, never what it sent."""
+    source = request.client.host if request.client else "unknown"
+    if not policy.source_allowed(source):
+        log.warning("%s %s from %s refused: not in allow_networks", request.method, request.url.path, source)
+        return error(403, f"source {source} is not allowed")
+    if not bearer_authorized(request.headers.get("authorization"), token):
+        log.info(
+            "%s %s from %s refused: missing or wrong bearer token", request.method, request.url.path, source
+        )
+        response = error(401, "a valid 'Authorization: Bearer <token>' header is required")
+        response.headers["WWW-Authenticate"] = f'Bearer realm="{realm}"'
+        return response
+    return None
 
 
 async def read_json_object(request: Request, max_bytes: int = 65536) -> dict[str, Any]:
@@ -53,7 +75,12 @@ def health_routes(service: Service) -> list[BaseRoute]:
 
 
 def leg_routes(service: Service) -> list[BaseRoute]:
+    def refused(request: Request) -> Response | None:
+        return refusal(request, service.policy, service.policy.api_token, "callscribe-api")
+
     async def create_leg(request: Request) -> Response:
+        if response := refused(request):
+            return response
         try:
             body = await read_json_object(request)
             call_id, leg, codec = body.get("call_id"), body.get("leg", "caller"), body.get("codec", "pcmu")
@@ -77,6 +104,8 @@ def leg_routes(service: Service) -> list[BaseRoute]:
         )
 
     async def delete_leg(request: Request) -> Response:
+        if response := refused(request):
+            return response
         leg_id = request.path_params["leg_id"]
         if not await service.rtp.release(leg_id):
             return error(404, f"no open leg {leg_id!r}")
@@ -84,6 +113,8 @@ def leg_routes(service: Service) -> list[BaseRoute]:
         return Response(status_code=204)
 
     async def list_legs(request: Request) -> Response:
+        if response := refused(request):
+            return response
         return JSONResponse(
             [
                 {"leg_id": leg.leg_id, "call_id": leg.call_id, "leg": leg.name, "audio_ms": leg.audio_ms}

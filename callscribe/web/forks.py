@@ -52,20 +52,20 @@ def fork_routes(service: Service) -> list[BaseRoute]:
         transport = f"ws-{parser_class.dialect}"
 
         async def endpoint(websocket: WebSocket) -> None:
-            settings = service.settings
+            settings, policy = service.settings, service.policy
             source = websocket.client.host if websocket.client else "unknown"
+            if not policy.source_allowed(source):
+                service.metrics.drop(transport, "not_allowed")
+                log.warning("fork %s from %s refused: not in allow_networks", parser_class.dialect, source)
+                await websocket.close(code=1008, reason="source not allowed")
+                return
             query = dict(websocket.query_params)
-            fork_token = settings.fork_auth_token.get_secret_value() if settings.fork_auth_token else None
-            twilio_token = (
-                settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else None
-            )
             admission = admit(
                 dialect=parser_class.dialect,
                 url=str(websocket.url),
                 headers={k.lower(): v for k, v in websocket.headers.items()},
                 query=query,
-                fork_token=fork_token,
-                twilio_token=twilio_token,
+                policy=policy,
                 in_band_token=parser_class.in_band_token,
             )
             if admission.verdict is Verdict.REFUSED:
@@ -94,7 +94,7 @@ def fork_routes(service: Service) -> list[BaseRoute]:
                     service.metrics,
                     max_frame_bytes=settings.fork_max_frame_bytes,
                     peer=source,
-                    start_token=fork_token if admission.verdict is Verdict.TOKEN_IN_START else None,
+                    policy=policy if admission.verdict is Verdict.TOKEN_IN_START else None,
                 )
                 await session.run(StarletteForkConnection(websocket))
             finally:

@@ -9,7 +9,6 @@ parameter becomes leg metadata.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -20,7 +19,7 @@ from starlette.routing import BaseRoute, Route
 
 from callscribe.bridge.webrtc import WhipError, WhipIngest
 from callscribe.calls import AtCapacity, LegConflict
-from callscribe.web.app import error
+from callscribe.web.app import error, refusal
 
 if TYPE_CHECKING:
     from callscribe.service import Service
@@ -52,29 +51,20 @@ def session_params(request: Request) -> tuple[str, list[str], dict[str, Any]]:
     return _checked_name("call_id", call_id), legs, meta
 
 
-def authorized(request: Request, token: str | None) -> bool:
-    if token is None:
-        return True
-    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), token.encode())
-
-
 def whip_routes(service: Service) -> list[BaseRoute]:
     ingest: WhipIngest = service.whip
-    token = service.settings.whip_token.get_secret_value() if service.settings.whip_token else None
-    if token is None and service.settings.http_host not in ("127.0.0.1", "::1", "localhost"):
+    policy = service.policy
+    if policy.whip_token is None and service.settings.http_host not in ("127.0.0.1", "::1", "localhost"):
         log.warning(
             "WHIP ingest on %s accepts any client: set CALLSCRIBE_WHIP_TOKEN", service.settings.http_host
         )
 
-    def unauthorized() -> Response:
-        response = error(401, "a valid 'Authorization: Bearer <token>' header is required")
-        response.headers["WWW-Authenticate"] = 'Bearer realm="callscribe-whip"'
-        return response
+    def refused(request: Request) -> Response | None:
+        return refusal(request, policy, policy.whip_token, "callscribe-whip")
 
     async def offer(request: Request) -> Response:
-        if not authorized(request, token):
-            return unauthorized()
+        if response := refused(request):
+            return response
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type != "application/sdp":
             return error(415, f"content type {content_type or 'none'!r} is not application/sdp")
@@ -105,8 +95,8 @@ def whip_routes(service: Service) -> list[BaseRoute]:
         )
 
     async def hangup(request: Request) -> Response:
-        if not authorized(request, token):
-            return unauthorized()
+        if response := refused(request):
+            return response
         session_id = request.path_params["session_id"]
         if not await ingest.end(session_id, "hangup"):
             return error(404, f"no WHIP session {session_id!r}")

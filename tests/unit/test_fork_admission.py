@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 
+from pydantic import SecretStr
+
 from callscribe.bridge.forks.admission import (
     SourceLimit,
     Verdict,
@@ -12,6 +14,7 @@ from callscribe.bridge.forks.admission import (
     twilio_signature,
     twilio_signature_valid,
 )
+from callscribe.security import AccessPolicy
 
 TOKEN = "12345"
 URI = "https://mycompany.com/myapp.php?foo=1&bar=2"
@@ -66,16 +69,24 @@ def test_presented_token_sources() -> None:
 
 
 def decide(
-    dialect: str, headers: dict[str, str], query: dict[str, str] | None = None, **kw: object
+    dialect: str,
+    headers: dict[str, str],
+    query: dict[str, str] | None = None,
+    fork_token: str | None = "s3cret",
+    twilio_token: str | None = None,
+    in_band_token: bool = False,
 ) -> Verdict:
-    options: dict[str, object] = {"fork_token": "s3cret", "twilio_token": None, "in_band_token": False}
-    options.update(kw)
+    policy = AccessPolicy(
+        fork_token=SecretStr(fork_token) if fork_token else None,
+        twilio_token=SecretStr(twilio_token) if twilio_token else None,
+    )
     return admit(
         dialect=dialect,
         url="ws://127.0.0.1:8080/fork/" + dialect,
         headers=headers,
         query=query or {},
-        **options,  # type: ignore[arg-type]
+        policy=policy,
+        in_band_token=in_band_token,
     ).verdict
 
 

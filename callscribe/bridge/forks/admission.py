@@ -1,7 +1,8 @@
 """Who may open a media fork: shared-secret tokens, Twilio request signatures, per-source limits.
 
 Pure functions over headers, URL and query; the websocket endpoint applies them before it
-accepts the socket, so a refused sender never gets to send audio.
+accepts the socket, so a refused sender never gets to send audio. The secrets come from the
+service's `AccessPolicy` (callscribe.security).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from urllib.parse import urlsplit, urlunsplit
+
+from callscribe.security import AccessPolicy
 
 DEFAULT_PORTS = {"ws": 80, "http": 80, "wss": 443, "https": 443}
 # Headers a token may arrive in, besides Authorization (Bearer or Basic).
@@ -59,12 +62,6 @@ def presented_token(headers: Mapping[str, str], query: Mapping[str, str]) -> str
         if headers.get(name):
             return headers[name]
     return query.get("token")
-
-
-def token_matches(presented: str | None, expected: str) -> bool:
-    if presented is None:
-        return False
-    return hmac.compare_digest(presented.encode("utf-8"), expected.encode("utf-8"))
 
 
 def twilio_signature(auth_token: str, url: str, params: Mapping[str, str] | None = None) -> str:
@@ -121,24 +118,24 @@ def admit(
     url: str,
     headers: Mapping[str, str],
     query: Mapping[str, str],
-    fork_token: str | None,
-    twilio_token: str | None,
+    policy: AccessPolicy,
     in_band_token: bool,
 ) -> Admission:
     """Decide before accepting a fork websocket. `headers` keys are lower-case."""
-    if dialect == "twilio" and twilio_token:
+    if dialect == "twilio" and policy.twilio_token is not None:
+        twilio_token = policy.twilio_token.get_secret_value()
         if twilio_signature_valid(twilio_token, url, headers.get("x-twilio-signature")):
             return Admission(Verdict.ALLOWED)
         if "x-twilio-signature" not in headers:
             return Admission(Verdict.REFUSED, "missing X-Twilio-Signature")
         return Admission(Verdict.REFUSED, "X-Twilio-Signature does not match the URL and auth token")
-    if not fork_token:
+    if policy.fork_token is None:
         return Admission(Verdict.ALLOWED)
     presented = presented_token(headers, query)
     if presented is None:
         if in_band_token:
             return Admission(Verdict.TOKEN_IN_START)
         return Admission(Verdict.REFUSED, "missing token (Authorization: Bearer, Basic password or ?token=)")
-    if token_matches(presented, fork_token):
+    if policy.fork_token_matches(presented):
         return Admission(Verdict.ALLOWED)
     return Admission(Verdict.REFUSED, "invalid token")

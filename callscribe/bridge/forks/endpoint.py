@@ -14,7 +14,6 @@ import json
 import logging
 from typing import Any, Protocol
 
-from callscribe.bridge.forks.admission import token_matches
 from callscribe.bridge.forks.base import ForkParser
 from callscribe.bridge.forks.events import (
     DtmfReceived,
@@ -30,6 +29,7 @@ from callscribe.calls import AtCapacity, CallRegistry, Leg, LegConflict
 from callscribe.codecs import CodecError, Decoder, decoder_for, spec_by_name
 from callscribe.events import EventType, TranscriptEvent
 from callscribe.metrics import Metrics
+from callscribe.security import AccessPolicy
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +87,16 @@ class ForkSession:
         *,
         max_frame_bytes: int,
         peer: str,
-        start_token: str | None = None,
+        policy: AccessPolicy | None = None,
     ) -> None:
-        """`start_token`: the token the start message must carry (the sender presented none
-        at the HTTP level and its dialect can carry one in-band)."""
+        """`policy`: set when the start message must carry the fork token (the sender presented
+        none at the HTTP level and its dialect can carry one in-band)."""
         self.parser = parser
         self.registry = registry
         self.metrics = metrics
         self.max_frame_bytes = max_frame_bytes
         self.peer = peer
-        self.start_token = start_token
+        self.start_policy = policy
         self.transport = parser.transport
         self.started: StreamStarted | None = None
         self.legs: dict[str, Leg] = {}
@@ -168,7 +168,7 @@ class ForkSession:
                 raise StreamEnded(CLOSE_NORMAL, "", "hangup")
 
     def _start(self, event: StreamStarted) -> None:
-        if self.start_token is not None and not token_matches(event.token, self.start_token):
+        if self.start_policy is not None and not self.start_policy.fork_token_matches(event.token):
             self.metrics.drop(self.transport, "auth")
             why = "missing" if event.token is None else "invalid"
             log.warning(

@@ -48,6 +48,16 @@ class DecodeResult:
     prompt_token_ids: Sequence[int] = ()  # what the model saw, audio placeholders expanded
 
 
+class EngineRestarting(Exception):
+    """The model server died with this request in flight and is being rebuilt; the request
+    did not complete. `epoch` names the server instance that died, so a leg reports one
+    death once however many of its requests it interrupted."""
+
+    def __init__(self, message: str, epoch: int) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+
+
 class DecodeBackend(Protocol):
     @property
     def tokenizer(self) -> Tokenizer: ...
@@ -62,7 +72,8 @@ class DecodeBackend(Protocol):
     ) -> DecodeResult:
         """Run one request to completion. `on_started` is called when the first token exists
         (the request left the queue). Returns `aborted=True` after `abort(request_id)`;
-        raises on server failure."""
+        raises EngineRestarting when the server died under the request and is being
+        rebuilt (the same request may be sent again), any other exception on failure."""
         ...
 
     async def abort(self, request_id: str) -> None: ...

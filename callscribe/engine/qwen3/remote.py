@@ -260,7 +260,9 @@ class RemoteBackend:
                     return DecodeResult("", aborted=True)
                 replica = await self._replica_for(leg)
                 if replica is None:
-                    last_error = f"no replica up for {self._timeout:.0f} s; last failure {last_error}"
+                    # Name why they are down: a health probe may have taken them out, not this request.
+                    down = "; ".join(f"{r.url}: {r.last_error}" for r in self.router.replicas if not r.up)
+                    last_error = f"no replica up for {self._timeout:.0f} s ({down or last_error})"
                     break
                 body["request_id"] = f"{rid}#{attempt}"  # a retry may land on the same replica
                 stream = asyncio.get_running_loop().create_task(

@@ -14,6 +14,10 @@ tightening: a prefix never gets shorter than the one before (when the model gene
 than `unfixed_token_num` tokens), so the `stable` words of a partial truly never change in
 later partials of the utterance. The final re-decodes the utterance without prefix (offline
 quality) and supersedes its partials.
+
+When the backend's server dies (EngineRestarting), each leg with a decode in flight emits one
+`engine_restart` error per death; a final it interrupted is decoded once more on the rebuilt
+server (a second interruption makes it an error), an interrupted partial is dropped.
 """
 
 from __future__ import annotations
@@ -38,7 +42,14 @@ from callscribe.engine.base import (
     LegStream,
     Partial,
 )
-from callscribe.engine.qwen3.backend import DecodeBackend, DecodeKind, DecodeRequest, DecodeResult, Tokenizer
+from callscribe.engine.qwen3.backend import (
+    DecodeBackend,
+    DecodeKind,
+    DecodeRequest,
+    DecodeResult,
+    EngineRestarting,
+    Tokenizer,
+)
 from callscribe.engine.qwen3.prompt import build_prompt, language_name, parse_output
 from callscribe.engine.segmenter import SegmenterConfig, Utterance, UtteranceSegmenter
 from callscribe.engine.vad import SpeechDetector
@@ -251,6 +262,7 @@ class Qwen3LegStream(LegStream):
         self._final_worker: asyncio.Task[None] | None = None
         self._finals_outstanding = 0
         self._previous_final = ""
+        self._restart_reported: int | None = None  # epoch of the last server death told
         if self._refused:
             # Not synchronously: the leg is still being built when it opens its stream.
             asyncio.get_running_loop().call_soon(
@@ -363,6 +375,10 @@ class Qwen3LegStream(LegStream):
             result = await self._admission.backend.decode(request, PARTIAL_PRIORITY, started)
         except asyncio.CancelledError:
             raise
+        except EngineRestarting as exc:
+            self._admission.stats.decode_errors += 1
+            self._report_restart(exc, job.utt)
+            result = None
         except Exception as exc:
             self._admission.stats.decode_errors += 1
             log.warning("partial %s failed: %s", request.request_id, exc)
@@ -447,7 +463,14 @@ class Qwen3LegStream(LegStream):
             self._config.final_tokens(utterance.audio.size),
         )
         try:
-            result = await self._admission.decode_final(request)
+            try:
+                result = await self._admission.decode_final(request)
+            except EngineRestarting as exc:
+                self._admission.stats.decode_errors += 1
+                self._report_restart(exc, utterance.utt)
+                # The audio is still here: once more on the rebuilt server, which the backend awaits.
+                log.warning("final %s cut by the engine's death; decoding it again", request.request_id)
+                result = await self._admission.decode_final(request)
         except Exception as exc:
             self._admission.stats.decode_errors += 1
             log.warning("final %s failed: %s", request.request_id, exc)
@@ -457,6 +480,14 @@ class Qwen3LegStream(LegStream):
         if parsed.text:
             self._previous_final = parsed.text
         self._emit(Final(utterance.utt, parsed.text, utterance.start_ms, utterance.end_ms, parsed.language))
+
+    def _report_restart(self, exc: EngineRestarting, utt: int) -> None:
+        """One error per leg per server death, however many of its requests it cut."""
+        if self._restart_reported == exc.epoch:
+            return
+        self._restart_reported = exc.epoch
+        log.warning("leg %s: %s (utt %d in flight)", self._name, exc, utt)
+        self._emit(EngineError(str(exc), code="engine_restart", utt=utt))
 
     async def _drain(self) -> None:
         if self._final_worker is not None:
