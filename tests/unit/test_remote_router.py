@@ -124,6 +124,14 @@ def test_stream_parser_collects_text_usage_and_prompt_ids() -> None:
     assert (parser.prompt_tokens, parser.output_tokens, parser.prompt_token_ids) == (40, 2, [1, 2])
 
 
+def test_stream_parser_counts_a_token_without_text_as_started() -> None:
+    # A special token or half a UTF-8 character: vLLM streams its id with empty content.
+    parser = StreamParser()
+    assert parser.line('data: {"choices":[{"delta":{"content":""},"token_ids":[151645]}]}')
+    assert not parser.line('data: {"choices":[{"delta":{},"token_ids":[]}]}')
+    assert parser.text == []
+
+
 @pytest.mark.parametrize(
     ("line", "expected"),
     [

@@ -119,7 +119,9 @@ class StreamParser:
         self.prompt_token_ids: list[int] = []
 
     def line(self, line: str) -> bool:
-        """Feed one line; True when it carried generated text."""
+        """Feed one line; True when it carried generated tokens: text, or token ids whose text is
+        still empty (a special token, half a UTF-8 character), which vLLM streams with
+        return_token_ids. The first such line is when the request has started on the server."""
         line = line.strip()
         if not line or line.startswith(":"):
             return False
@@ -146,17 +148,19 @@ class StreamParser:
         choices = chunk.get("choices")
         if not isinstance(choices, list):
             raise ReplicaFailure(f"malformed stream chunk {payload[:120]!r}: expected 'choices'")
-        got_text = False
+        got_tokens = False
         for choice in choices:
             if not isinstance(choice, dict) or not isinstance(choice.get("delta", {}), dict):
                 raise ReplicaFailure(f"malformed choice {str(choice)[:120]!r}: expected a delta object")
             content = choice.get("delta", {}).get("content")
             if isinstance(content, str) and content:
                 self.text.append(content)
-                got_text = True
+                got_tokens = True
+            if isinstance(choice.get("token_ids"), list) and choice["token_ids"]:
+                got_tokens = True
             if choice.get("finish_reason"):
                 self.finish_reason = str(choice["finish_reason"])
-        return got_text
+        return got_tokens
 
 
 class TokenizersTokenizer:
