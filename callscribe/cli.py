@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Annotated, Any
@@ -107,16 +108,49 @@ def serve(
         raise fail(f"cannot start: {exc}") from None
 
 
+# After the drain timeout, this long for the HTTP server, engine and publisher to close.
+SHUTDOWN_GRACE_S = 15.0
+
+
 async def _serve(settings: Any, drain_timeout: float) -> None:
     from callscribe.service import Service
 
     service = Service(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(name: str) -> None:
+        if stop.is_set():
+            log.error("%s again: exiting now, without finishing the shutdown (%s)", name, service.phase)
+            os._exit(1)
+        log.info("%s received", name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await service.start()
-    await stop.wait()
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    # A signal while starting (a slow engine load, an unreachable dependency) stops the start.
+    starting = loop.create_task(service.start())
+    signalled = loop.create_task(stop.wait())
+    await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    if starting.done():
+        starting.result()  # start errors end the process here, with their own message
+        await signalled
+    else:
+        log.warning("stopping while still starting (%s)", service.phase)
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+
+    def give_up() -> None:
+        # SIGTERM must end the process within its budget even if a dependency hangs.
+        log.error(
+            "shutdown not done %.0f s after the drain timeout (stuck %s); exiting",
+            SHUTDOWN_GRACE_S,
+            service.phase,
+        )
+        os._exit(1)
+
+    loop.call_later(drain_timeout + SHUTDOWN_GRACE_S, give_up)
     log.info("stopping: draining %d open legs (timeout %.0fs)", len(service.registry.legs), drain_timeout)
     await service.stop(drain_timeout=drain_timeout)
     log.info("stopped")

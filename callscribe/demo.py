@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import signal
 import socket
 import sys
 import time
@@ -93,6 +94,10 @@ async def run_demo(
     }
     echo(f"starting callscribe serve (HTTP :{http_port}, embedded sphinx engine)")
     server = await asyncio.create_subprocess_exec(sys.executable, "-m", "callscribe", "serve", env=env)
+    # SIGTERM (a CI timeout, `kill`) cancels the demo so its bridge is stopped, not orphaned.
+    demo = asyncio.current_task()
+    if demo is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, demo.cancel)
     call_id = f"demo-{uuid.uuid4().hex[:8]}"
     try:
         async with httpx.AsyncClient(

@@ -71,6 +71,8 @@ class Service:
         self.route_factories: list[Callable[[Service], list[BaseRoute]]] = []
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[Any] | None = None
+        # What start() or stop() is doing now: named in the log when a signal or timeout hits.
+        self.phase = "not started"
 
     @property
     def http_port(self) -> int:
@@ -85,8 +87,11 @@ class Service:
         from callscribe.bridge.udp import RtpIngest
         from callscribe.web.app import create_app
 
+        self.phase = "connecting to Redis"
         await self.publisher.start()
+        self.phase = f"starting the {self.engine.name} engine"
         await self.engine.start()
+        self.phase = "opening ingest"
         self.rtp = RtpIngest(self.settings, self.registry, self.metrics, self.policy)
         self.components.append(self.rtp)
         if self.settings.sip_enabled:
@@ -104,6 +109,9 @@ class Service:
             port=self.settings.http_port,
             log_level="warning",
             lifespan="off",
+            # Dashboard event streams and fork websockets are long-lived: don't wait on them
+            # at shutdown (the legs were drained before the HTTP server is asked to stop).
+            timeout_graceful_shutdown=5,
         )
         self._http = _EmbeddedHttpServer(config)
         self._http_task = asyncio.create_task(self._http.serve())
@@ -121,6 +129,7 @@ class Service:
             self.settings.rtp_port,
         )
         log.info("access %s", self.policy.describe())
+        self.phase = "running"
 
     def _add_webrtc_and_dashboard(self) -> None:
         from callscribe.bridge.webrtc import WhipIngest
@@ -150,15 +159,20 @@ class Service:
                 await component.stop()
             await self.registry.close_all("shutdown")
 
+        self.phase = "draining legs"
         try:
             await asyncio.wait_for(drain(), drain_timeout)
         except TimeoutError:
             log.error("drain timed out after %.0fs; %d legs cut", drain_timeout, len(self.registry.legs))
         if self._http is not None and self._http_task is not None:
+            self.phase = "closing the HTTP server"
             self._http.should_exit = True
             await self._http_task
+        self.phase = f"closing the {self.engine.name} engine"
         await self.engine.close()
+        self.phase = "flushing events to Redis"
         await self.publisher.close()
+        self.phase = "stopped"
 
     @property
     def ready(self) -> bool:

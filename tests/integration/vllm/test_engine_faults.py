@@ -26,7 +26,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import psutil
 import pytest
 import redis.asyncio as aioredis
 
@@ -72,13 +71,30 @@ class Collector:
         return [e for _, e in self.events if isinstance(e, EngineError)]
 
 
+def descendants(pid: int) -> set[int]:
+    """Pids of every process below `pid`, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
 def engine_cores() -> set[int]:
     """Pids of vLLM engine-core processes under this test process (vLLM titles them EngineCore)."""
     found = set()
-    for child in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if "EngineCore" in " ".join(child.cmdline()) or "EngineCore" in child.name():
-                found.add(child.pid)
+    for pid in descendants(os.getpid()):
+        with contextlib.suppress(OSError):
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if "EngineCore" in title or "EngineCore" in Path(f"/proc/{pid}/comm").read_text():
+                found.add(pid)
     return found
 
 
