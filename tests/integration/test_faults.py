@@ -9,7 +9,6 @@ import contextlib
 import signal
 import socket
 import subprocess
-import sys
 import time
 import wave
 from collections.abc import AsyncIterator, Iterator
@@ -23,7 +22,7 @@ import redis.asyncio as aioredis
 from callscribe.bridge.rtp_sender import send_wav
 from callscribe.events import EventType, TranscriptEvent
 from tests.conftest import REDIS_URL, ServiceFactory
-from tests.support import CLIPS, free_port, free_port_range, load_clip
+from tests.support import CLIPS, free_port, load_clip, serve_command
 
 ROOT = Path(__file__).resolve().parents[2]
 FinalKey = tuple[str, str, int]
@@ -182,24 +181,7 @@ async def serve_process(
 ) -> AsyncIterator[tuple[subprocess.Popen[bytes], int, int]]:
     http_port, rtp_port = free_port(socket.SOCK_STREAM), free_port()
     process = subprocess.Popen(  # noqa: ASYNC220 - started once, before the test's I/O
-        [
-            sys.executable,
-            "-m",
-            "callscribe",
-            "serve",
-            "--redis-url",
-            REDIS_URL,
-            "--key-prefix",
-            key_prefix,
-            "--http-port",
-            str(http_port),
-            "--rtp-port",
-            str(rtp_port),
-            "--rtp-port-range",
-            free_port_range(),
-            "--drain-timeout",
-            str(drain_timeout),
-        ],
+        serve_command(REDIS_URL, key_prefix, http_port, rtp_port, "--drain-timeout", str(drain_timeout)),
         cwd=ROOT,
         env={
             "PATH": "/usr/bin:/bin",
