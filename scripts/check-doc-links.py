@@ -65,7 +65,8 @@ def check(path: Path) -> list[str]:
 
 
 def main() -> int:
-    files = [Path(a).resolve() for a in sys.argv[1:]] or [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    default = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    files = [Path(a).resolve() for a in sys.argv[1:]] or default
     errors = [e for f in files for e in check(f)]
     links = sum(len(LINK.findall(line)) for f in files for _, line in prose_lines(f))
     print("\n".join(errors) if errors else f"{len(files)} files, {links} links: all resolve")
