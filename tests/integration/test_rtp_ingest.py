@@ -21,7 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 import soxr
 
-from callscribe.bridge.rtp import RtpPacket
+from callscribe.bridge.rtp.packet import RtpPacket
 from callscribe.codecs import encoder_for, spec_by_name
 from callscribe.codecs.dtmf import TelephoneEvent
 from callscribe.events import EventType, TranscriptEvent
@@ -159,7 +159,7 @@ async def test_bad_input_is_counted_and_another_leg_keeps_transcribing(
         arrived = received._value.get() - before
 
         await sending
-        for reason in ("truncated", "bad_version", "bad_csrc", "bad_extension", "oversize", "rate_limited"):
+        for reason in ("truncated", "bad_version", "bad_csrc", "bad_extension", "oversized", "rate_limited"):
             assert dropped(svc, reason) >= 1, f"no drop counted as {reason}"
         assert dropped(svc, "unknown_payload_type") >= 5  # the victim's, and random datagrams'
         assert len(svc.registry.legs) <= 3  # random bytes that parse as RTP opened no legs

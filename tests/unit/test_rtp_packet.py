@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from callscribe.bridge.rtp import RtpError, RtpPacket, is_rtcp, seq_delta
+from callscribe.bridge.rtp.packet import RtpError, RtpPacket, is_rtcp, seq_delta
 
 # A real PCMU packet header (Asterisk): V=2, PT 0, marker, seq 0x1234, ts 0xdeadbeef, SSRC 0x01020304.
 VECTOR = bytes.fromhex("80801234deadbeef01020304") + b"\xff" * 160

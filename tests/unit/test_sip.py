@@ -2,25 +2,20 @@ from __future__ import annotations
 
 import pytest
 
-from callscribe.bridge.sip import (
-    T1,
-    T2,
-    AckReceived,
-    DialogEnded,
-    InviteCancelled,
-    InviteReceived,
-    MessageDropped,
+from callscribe.bridge.events import Dropped
+from callscribe.bridge.sip.events import AckReceived, DialogEnded, InviteCancelled, InviteReceived
+from callscribe.bridge.sip.message import (
     Peer,
     SipParseError,
     SipRequest,
     SipResponse,
     StreamFramer,
-    UasCore,
     parse_message,
     parse_name_addr,
     parse_via,
     split_values,
 )
+from callscribe.bridge.sip.uas import T1, T2, UasCore
 from tests.unit.sip_data import load
 
 PEER = Peer("udp", "198.51.100.9", 5062)
@@ -202,7 +197,7 @@ def test_cancel_before_answer_sends_200_and_487() -> None:
     assert [(r.status, r.cseq[1]) for r in responses] == [(200, "CANCEL"), (487, "INVITE")]
     assert not core.pending(invite.txn_id)
     with pytest.raises(KeyError):
-        core.respond(invite.txn_id, 200)
+        core.respond(invite.txn_id, 200, now=0.3)
     # 487 retransmitted (Timer G) until the ACK, which matches the INVITE transaction
     core.handle_timers(0.2 + T1)
     assert statuses(core) == [487]
@@ -256,14 +251,14 @@ def test_missing_mandatory_header_gets_400_and_is_counted() -> None:
     core = UasCore("<sip:c@h>")
     data = request("INVITE").replace(b"Call-ID: call-1@example.com\r\n", b"")
     [dropped] = core.receive(data, PEER, 0.0)
-    assert isinstance(dropped, MessageDropped) and dropped.reason == "missing_header"
+    assert isinstance(dropped, Dropped) and dropped.reason == "missing_header"
     assert statuses(core) == [400]
 
 
 def test_garbage_is_dropped_without_response() -> None:
     core = UasCore("<sip:c@h>")
     [dropped] = core.receive(b"\x00\x01 hello", PEER, 0.0)
-    assert isinstance(dropped, MessageDropped)
+    assert isinstance(dropped, Dropped)
     assert core.outgoing() == []
 
 
@@ -276,13 +271,13 @@ def test_transactions_expire() -> None:
 
 
 def test_request_flood_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    import callscribe.bridge.sip as sip
+    import callscribe.bridge.sip.uas as sip
 
     monkeypatch.setattr(sip, "MAX_TRANSACTIONS", 5)
     core = UasCore("<sip:c@h>")
     for n in range(5):
         assert core.receive(request("OPTIONS", branch=f"z9hG4bK-{n}"), PEER, 0.0) == []
     [dropped] = core.receive(request("OPTIONS", branch="z9hG4bK-6"), PEER, 0.0)
-    assert isinstance(dropped, MessageDropped) and dropped.reason == "overload"
+    assert isinstance(dropped, Dropped) and dropped.reason == "overload"
     core.handle_timers(64 * T1 + 1)  # answered transactions expire (Timer J) and make room
     assert core.receive(request("OPTIONS", branch="z9hG4bK-7"), PEER, 64 * T1 + 2) == []

@@ -395,6 +395,8 @@ class UasCore:
     ) -> _ServerTransaction:
         key = transaction_key(request)
         txn = _ServerTransaction(secrets.token_hex(8), key, request, peer, to_tag, dialog_id)
+        if txn.is_invite:
+            txn.state = TxnState.PROCEEDING  # RFC 3261 §17.2.1: an INVITE transaction starts there
         self._transactions[key] = txn
         self._by_id[txn.txn_id] = txn
         self._set(txn, "expires_at", now + UNANSWERED_SEC)
