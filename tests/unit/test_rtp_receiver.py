@@ -200,3 +200,35 @@ def test_hostile_packet_streams_never_raise(packets: list[tuple[int, int, int, i
             produced += pcm(event).size
     # Concealment is capped: at most the cap per packet plus the largest decoded payload.
     assert produced <= len(packets) * (48000 // 2 + 48000 * 120 // 1000 + 400)
+
+
+def rtcp_bye(*ssrcs: int, after_report: bool = True) -> bytes:
+    """A compound RTCP packet as senders emit it: an empty RR, then a BYE (RFC 3550 §6.6)."""
+    report = bytes([0x80, 201, 0, 1]) + (ssrcs[0] if ssrcs else 0).to_bytes(4, "big")
+    bye = bytes([0x80 | len(ssrcs), 203]) + len(ssrcs).to_bytes(2, "big")
+    bye += b"".join(s.to_bytes(4, "big") for s in ssrcs)
+    return (report if after_report else b"") + bye
+
+
+def test_rtcp_bye_of_the_latched_source_flushes_and_ends() -> None:
+    from callscribe.bridge.events import EndReason, SenderEnded
+
+    rx = RtpLegReceiver("pcmu", jitter_ms=60, batch_ms=60)
+    events = rx.receive(rtp(1, 0), 0.0)
+    assert not events  # batched, held
+    events = rx.receive(rtcp_bye(0xABC), 0.02)  # muxed on the RTP port (RFC 5761)
+    assert [type(e).__name__ for e in events] == ["AudioReceived", "SenderEnded"]
+    assert events[-1] == SenderEnded(EndReason.HANGUP) and audio_samples(events) == 160
+    # From the RTCP port the same datagram goes to receive_rtcp().
+    rx = RtpLegReceiver("pcmu")
+    rx.receive(rtp(1, 0), 0.0)
+    assert rx.receive_rtcp(rtcp_bye(0x999, 0xABC, after_report=False))[-1] == SenderEnded()
+
+
+def test_rtcp_other_than_bye_of_our_source_is_a_counted_drop() -> None:
+    rx = RtpLegReceiver("pcmu")
+    assert drops(rx.receive(rtcp_bye(0xABC), 0.0)) == ["rtcp"]  # nothing latched yet
+    rx.receive(rtp(1, 0), 0.0)
+    assert drops(rx.receive(rtcp_bye(0x999), 0.02)) == ["rtcp"]  # someone else's goodbye
+    assert drops(rx.receive(bytes([0x80, 200, 0, 0]), 0.04)) == ["rtcp"]  # a sender report
+    assert drops(rx.receive_rtcp(bytes([0x81, 203, 0, 9]) + b"\x00" * 4)) == ["rtcp"]  # bad length
