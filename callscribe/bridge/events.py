@@ -4,7 +4,7 @@ Every sans-IO core (RTP receiver, AudioSocket parser, fork parsers, SIP UAS) rep
 key presses and counted drops with these three events, so each I/O shell applies them the
 same way. `EndReason` and `DropReason` values are public: `EndReason` is the `reason` of
 `leg.ended` events on the Redis stream, `DropReason` the `reason` label of
-`callscribe_dropped_total`. One spelling (snake_case), one value per cause.
+`callscribe_packets_dropped_total`. One spelling (snake_case), one value per cause.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class EndReason(StrEnum):
 
 
 class DropReason(StrEnum):
-    """Why a packet, frame or message was counted and dropped (`callscribe_dropped_total`)."""
+    """Why a packet, frame or message was counted and dropped (`callscribe_packets_dropped_total`)."""
 
     # admission (every ingest)
     NOT_ALLOWED = "not_allowed"  # source outside allow_networks / sip_allow_networks
