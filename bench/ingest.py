@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import soxr
 
-from callscribe.bridge.rtp import Audio, RtpLegReceiver, RtpPacket
-from callscribe.bridge.rtp_sender import read_wav_mono
+from callscribe.bridge.events import AudioReceived
+from callscribe.bridge.rtp.packet import RtpPacket
+from callscribe.bridge.rtp.receiver import RtpLegReceiver
+from callscribe.bridge.rtp.sender import read_wav_mono
 from callscribe.calls import CallRegistry, Leg
 from callscribe.codecs import encoder_for, spec_by_name
 from callscribe.codecs.resample import Resampler
@@ -168,9 +170,10 @@ def main() -> None:
 
     def receive_resample(leg: int, data: bytes, now: float) -> None:
         for event in (*receivers[leg].receive(data, now), *receivers[leg].poll(now)):
-            if isinstance(event, Audio):
-                decoded[0] += event.pcm.size
-                resamplers[leg].process(event.pcm)
+            if isinstance(event, AudioReceived):
+                pcm = np.frombuffer(event.payload, dtype=np.int16)
+                decoded[0] += pcm.size
+                resamplers[leg].process(pcm)
 
     for batch_ms in sorted({0, args.batch_ms}):
         receivers = new_receivers(batch_ms)
@@ -178,7 +181,7 @@ def main() -> None:
         decoded[0] = 0
         stages.append(run(f"+resample, batch {batch_ms} ms", legs, packets, receive_resample))
         for receiver in receivers:
-            decoded[0] += sum(e.pcm.size for e in receiver.flush() if isinstance(e, Audio))
+            decoded[0] += sum(len(e.payload) // 2 for e in receiver.flush() if isinstance(e, AudioReceived))
         # Nothing lost, 1 % reordered: every sample must come out, none invented.
         assert decoded[0] == legs * len(packets) * 160, (decoded[0], legs * len(packets) * 160)
 
@@ -190,8 +193,8 @@ def main() -> None:
     def full_leg(leg: int, data: bytes, now: float) -> None:
         target = open_legs[leg]
         for event in (*receivers[leg].receive(data, now), *receivers[leg].poll(now)):
-            if isinstance(event, Audio):
-                target.feed(event.pcm, event.rate)
+            if isinstance(event, AudioReceived):
+                target.feed(np.frombuffer(event.payload, dtype=np.int16), 8000)
 
     stages.append(run(f"+Leg.feed, batch {args.batch_ms} ms", legs, packets, full_leg))
     fed = sum(stream.samples for stream in engine.streams) / 16000

@@ -44,8 +44,8 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from callscribe.bridge.rtp import RtpPacket  # noqa: E402
-from callscribe.bridge.rtp_sender import packetize  # noqa: E402
+from callscribe.bridge.rtp.packet import RtpPacket  # noqa: E402
+from callscribe.bridge.rtp.sender import packetize  # noqa: E402
 from callscribe.codecs import spec_by_name  # noqa: E402
 from tests.support import CLIPS, free_port, load_clip, serve_command  # noqa: E402
 

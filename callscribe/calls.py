@@ -19,6 +19,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from callscribe.bridge.events import EndReason
+from callscribe.bridge.limits import AtCapacity as AtCapacity  # re-exported: raised by open_leg
+from callscribe.bridge.limits import LegConflict as LegConflict
 from callscribe.codecs.base import Pcm16
 from callscribe.codecs.resample import Resampler
 from callscribe.engine.base import SAMPLE_RATE, Engine, EngineError, Final, Partial, Recognition
@@ -33,14 +36,6 @@ _LATENCY_CHECKPOINTS = 6000
 
 class EventSink(Protocol):
     def publish(self, event: TranscriptEvent) -> None: ...
-
-
-class LegConflict(ValueError):
-    """A leg of that name is already open in that call."""
-
-
-class AtCapacity(RuntimeError):
-    """The bridge is at its configured leg limit."""
 
 
 @dataclass
@@ -114,14 +109,14 @@ class Leg:
     def error(self, message: str, code: str = "ingest") -> None:
         self._publish(EventType.ERROR, text=message, meta={"code": code})
 
-    async def close(self, reason: str = "hangup") -> None:
+    async def close(self, reason: EndReason = EndReason.HANGUP) -> None:
         """Flush the open utterance, publish leg.ended (and call.ended for the last leg).
         Safe to call more than once; every caller waits for the same flush."""
         if self._closing is None:
             self._closing = asyncio.create_task(self._close(reason))
         await asyncio.shield(self._closing)
 
-    async def _close(self, reason: str) -> None:
+    async def _close(self, reason: EndReason) -> None:
         if self._resampler is not None:
             self._to_engine(self._resampler.flush())
         try:
@@ -132,7 +127,7 @@ class Leg:
         self._publish(
             EventType.LEG_ENDED,
             end_ms=self.audio_ms,
-            meta={"reason": reason, "audio_ms": self.audio_ms},
+            meta={"reason": str(reason), "audio_ms": self.audio_ms},
         )
         self._on_closed(self)
 
@@ -245,8 +240,9 @@ class CallRegistry:
     def get(self, leg_id: str) -> Leg | None:
         return self.legs.get(leg_id)
 
-    async def close_all(self, reason: str) -> None:
-        await asyncio.gather(*(leg.close(reason) for leg in list(self.legs.values())))
+    async def close_all(self, reason: EndReason | str) -> None:
+        end = EndReason(reason)  # ValueError for a reason that is not a published value
+        await asyncio.gather(*(leg.close(end) for leg in list(self.legs.values())))
 
     def _leg_closed(self, leg: Leg) -> None:
         self.legs.pop(leg.leg_id, None)

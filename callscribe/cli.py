@@ -165,7 +165,7 @@ def send(
     speed: Annotated[float, typer.Option(help="1.0 = real time, 2.0 = twice as fast")] = 1.0,
 ) -> None:
     """Send a WAV file as one RTP stream, paced in real time (a test peer, and a tool for users)."""
-    from callscribe.bridge.rtp_sender import send_wav
+    from callscribe.bridge.rtp.sender import send_wav
     from callscribe.codecs.base import CodecError
 
     host, port = parse_host_port(to)

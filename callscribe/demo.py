@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import redis.asyncio as aioredis
 
-from callscribe.bridge.rtp_sender import send_wav
+from callscribe.bridge.rtp.sender import send_wav
 from callscribe.events import EventType, TranscriptEvent
 from callscribe.publish.tail import follow
 

@@ -84,7 +84,7 @@ class Service:
         return self.settings.http_port
 
     async def start(self) -> None:
-        from callscribe.bridge.udp import RtpIngest
+        from callscribe.bridge.rtp.ingest import RtpIngest
         from callscribe.web.app import create_app
 
         self.phase = "connecting to Redis"
@@ -95,7 +95,7 @@ class Service:
         self.rtp = RtpIngest(self.settings, self.registry, self.metrics, self.policy)
         self.components.append(self.rtp)
         if self.settings.sip_enabled:
-            from callscribe.bridge.sip_transport import SipServer
+            from callscribe.bridge.sip.server import SipServer
 
             self.sip = SipServer(self.settings, self.rtp, self.metrics, self.policy, self.registry)
             self.components.append(self.sip)
@@ -142,7 +142,7 @@ class Service:
         self.route_factories += [whip_routes, dashboard_routes]
 
     def _add_media_forks(self) -> None:
-        from callscribe.bridge.audiosocket import AudioSocketServer
+        from callscribe.bridge.audiosocket.server import AudioSocketServer
         from callscribe.web.forks import fork_routes
 
         self.audiosocket = AudioSocketServer(self.settings, self.registry, self.metrics, self.policy)

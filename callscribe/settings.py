@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     max_packets_per_sec_per_source: int = Field(500, ge=10)
     leg_idle_timeout_sec: float = Field(10.0, gt=0)
 
-    # SIP user agent server and SIPREC recording server (callscribe.bridge.sip_transport)
+    # SIP user agent server and SIPREC recording server (callscribe.bridge.sip.server)
     sip_enabled: bool = Field(False, description="listen for SIP calls and SIPREC sessions")
     sip_host: str = Field("127.0.0.1", description="address the SIP UDP and TCP listeners bind")
     sip_port: int = Field(5060, ge=0, le=65535, description="SIP port, UDP and TCP (0: pick a free one)")

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from callscribe.bridge.rtp import RtpPacket
-from callscribe.bridge.rtp_sender import packetize
-from callscribe.bridge.sip import parse_message
-from callscribe.bridge.siprec import split_multipart
+from callscribe.bridge.rtp.packet import RtpPacket
+from callscribe.bridge.rtp.sender import packetize
+from callscribe.bridge.sip.message import parse_message
+from callscribe.bridge.sip.siprec import split_multipart
 from callscribe.codecs import spec_by_name
 from callscribe.codecs.dtmf import TelephoneEvent
 from fuzz.targets import TARGETS

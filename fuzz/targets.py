@@ -12,13 +12,16 @@ import contextlib
 import struct
 from collections.abc import Callable
 
-from callscribe.bridge.audiosocket import AudioSocketError, AudioSocketParser
+from callscribe.bridge.audiosocket.parser import AudioSocketError, AudioSocketParser
 from callscribe.bridge.forks import DIALECTS
 from callscribe.bridge.forks.events import ForkProtocolError
-from callscribe.bridge.rtp import JitterBuffer, RtpError, RtpLegReceiver, RtpPacket, is_rtcp
-from callscribe.bridge.sdp import SdpError, parse_sdp, select_media
-from callscribe.bridge.sip import Peer, SipParseError, StreamFramer, UasCore, parse_message
-from callscribe.bridge.siprec import SiprecError, parse_rs_metadata, parse_siprec_body, recorded_streams
+from callscribe.bridge.rtp.jitter import JitterBuffer
+from callscribe.bridge.rtp.packet import RtpError, RtpPacket, is_rtcp
+from callscribe.bridge.rtp.receiver import RtpLegReceiver
+from callscribe.bridge.sip.message import Peer, SipParseError, StreamFramer, parse_message
+from callscribe.bridge.sip.sdp import SdpError, parse_sdp, select_media
+from callscribe.bridge.sip.siprec import SiprecError, parse_rs_metadata, parse_siprec_body, recorded_streams
+from callscribe.bridge.sip.uas import UasCore
 from callscribe.codecs.base import CodecError
 from callscribe.codecs.dtmf import DtmfReceiver, TelephoneEvent
 

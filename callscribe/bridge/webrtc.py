@@ -19,6 +19,7 @@ import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from callscribe.bridge.events import DropReason, EndReason
 from callscribe.calls import CallRegistry, Leg
 from callscribe.codecs.base import Pcm16
 from callscribe.metrics import Metrics
@@ -115,7 +116,7 @@ class WhipIngest:
         return None
 
     async def stop(self) -> None:
-        await asyncio.gather(*(self.end(sid, "shutdown") for sid in list(self.sessions)))
+        await asyncio.gather(*(self.end(sid, EndReason.SHUTDOWN) for sid in list(self.sessions)))
 
     async def publish(
         self, offer_sdp: str, call_id: str, requested_legs: list[str], meta: dict[str, Any]
@@ -145,7 +146,7 @@ class WhipIngest:
                     transceiver.direction = "inactive"
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception:
-            await asyncio.gather(*(leg.close("refused") for leg in session.legs))
+            await asyncio.gather(*(leg.close(EndReason.REFUSED) for leg in session.legs))
             await pc.close()
             raise
         self.sessions[session.session_id] = session
@@ -154,7 +155,12 @@ class WhipIngest:
         async def on_state() -> None:
             if pc.connectionState in ("failed", "closed"):
                 log.info("WHIP session %s: connection %s", session.session_id, pc.connectionState)
-                await self.end(session.session_id, f"connection-{pc.connectionState}")
+                await self.end(
+                    session.session_id,
+                    EndReason.CONNECTION_FAILED
+                    if pc.connectionState == "failed"
+                    else EndReason.CONNECTION_CLOSED,
+                )
 
         for track, leg in zip(tracks, session.legs, strict=True):
             session.pumps.append(asyncio.create_task(self._pump(session, track, leg)))
@@ -166,7 +172,7 @@ class WhipIngest:
         )
         return session, pc.localDescription.sdp
 
-    async def end(self, session_id: str, reason: str) -> bool:
+    async def end(self, session_id: str, reason: EndReason) -> bool:
         """End a session and its legs (their last finals are flushed); False if unknown."""
         session = self.sessions.get(session_id)
         if session is None:
@@ -176,7 +182,7 @@ class WhipIngest:
         await asyncio.shield(session.ending)
         return True
 
-    async def _end(self, session: WhipSession, reason: str) -> None:
+    async def _end(self, session: WhipSession, reason: EndReason) -> None:
         for pump in session.pumps:
             pump.cancel()
         await asyncio.gather(*session.pumps, return_exceptions=True)
@@ -195,25 +201,25 @@ class WhipIngest:
                 frame = await asyncio.wait_for(track.recv(), self._idle_timeout)
             except MediaStreamError:
                 # The sender stopped the track (or the connection closed): the leg is over.
-                await leg.close("track-ended")
+                await leg.close(EndReason.TRACK_ENDED)
                 return
             except TimeoutError:
                 # No frame for that long: the peer vanished without DELETE (consent freshness
                 # would notice too, but later) or stopped sending.
                 log.info("WHIP session %s: no audio for %.0fs", session.session_id, self._idle_timeout)
                 if session.ending is None:
-                    session.ending = asyncio.create_task(self._end(session, "idle"))
+                    session.ending = asyncio.create_task(self._end(session, EndReason.IDLE_TIMEOUT))
                 return
             if session.ending is not None:
                 return  # _end() closes the leg, with its reason
             received.inc()
             if not isinstance(frame, av.AudioFrame):
-                self._metrics.drop(TRANSPORT, "not-audio")
+                self._metrics.drop(TRANSPORT, DropReason.NOT_AUDIO)
                 continue
             try:
                 pcm = mono_pcm(frame.to_ndarray(), len(frame.layout.channels))
             except ValueError as exc:
-                self._metrics.drop(TRANSPORT, "bad-frame")
+                self._metrics.drop(TRANSPORT, DropReason.BAD_FRAME)
                 log.debug("WHIP session %s: frame dropped: %s", session.session_id, exc)
                 continue
             rate = int(frame.sample_rate)
@@ -221,6 +227,6 @@ class WhipIngest:
                 timeline = FrameTimeline(rate)
             missing = timeline.gap(frame.pts, pcm.size)
             if missing:
-                self._metrics.drop(TRANSPORT, "lost", max(1, missing // max(1, pcm.size)))
+                self._metrics.drop(TRANSPORT, DropReason.LOST, max(1, missing // max(1, pcm.size)))
                 leg.feed(np.zeros(missing, dtype=np.int16), rate)
             leg.feed(pcm, rate)

@@ -19,6 +19,7 @@ __all__ = [
     "Encoder",
     "decoder_for",
     "encoder_for",
+    "s16le",
     "spec_by_name",
     "spec_for_encoding",
     "spec_for_static_pt",
@@ -74,11 +75,23 @@ def spec_by_name(name: str) -> CodecSpec:
 
 
 def _l16_by_name(name: str) -> CodecSpec | None:
-    """The names spec_for_encoding gives L16 at other rates: l16-<rate>[-<n>ch]."""
+    """The names spec_for_encoding gives L16 at other rates: l16-<rate>[-<n>ch], and the
+    names s16le() gives little-endian PCM at rates without a short name: s16le-<rate>."""
+    match = re.fullmatch(r"s16le-([1-9][0-9]{3,5})", name)
+    if match is not None:
+        return s16le(int(match[1]))
     match = re.fullmatch(r"l16-([1-9][0-9]{3,5})(?:-([2-8])ch)?", name)
     if match is None:
         return None
     return spec_for_encoding(L16, int(match[1]), int(match[2] or 1))
+
+
+def s16le(rate: int) -> CodecSpec:
+    """Little-endian 16-bit mono PCM at `rate`: what decoders produce (on little-endian hosts)."""
+    for spec in _BY_NAME.values():
+        if spec.encoding == S16LE and spec.sample_rate == rate:
+            return spec
+    return CodecSpec(f"s16le-{rate}", S16LE, rate, rate)
 
 
 def spec_for_static_pt(pt: int) -> CodecSpec | None:

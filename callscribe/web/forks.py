@@ -10,9 +10,12 @@ from typing import TYPE_CHECKING
 from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from callscribe.bridge.events import DropReason
 from callscribe.bridge.forks import DIALECTS, ForkParser
-from callscribe.bridge.forks.admission import SourceLimit, Verdict, admit
+from callscribe.bridge.forks.admission import Verdict, admit
+from callscribe.bridge.forks.base import CloseCode, fork_transport
 from callscribe.bridge.forks.endpoint import ForkSession
+from callscribe.bridge.limits import SourceLimit
 
 if TYPE_CHECKING:
     from callscribe.service import Service
@@ -49,15 +52,15 @@ def fork_routes(service: Service) -> list[BaseRoute]:
     limit = SourceLimit(service.settings.fork_max_connections_per_source)
 
     def endpoint_for(parser_class: type[ForkParser]) -> WebSocketRoute:
-        transport = f"ws-{parser_class.dialect}"
+        transport = fork_transport(parser_class.dialect)
 
         async def endpoint(websocket: WebSocket) -> None:
             settings, policy = service.settings, service.policy
             source = websocket.client.host if websocket.client else "unknown"
             if not policy.source_allowed(source):
-                service.metrics.drop(transport, "not_allowed")
+                service.metrics.drop(transport, DropReason.NOT_ALLOWED)
                 log.warning("fork %s from %s refused: not in allow_networks", parser_class.dialect, source)
-                await websocket.close(code=1008, reason="source not allowed")
+                await websocket.close(code=CloseCode.POLICY, reason="source not allowed")
                 return
             query = dict(websocket.query_params)
             admission = admit(
@@ -69,12 +72,12 @@ def fork_routes(service: Service) -> list[BaseRoute]:
                 in_band_token=parser_class.in_band_token,
             )
             if admission.verdict is Verdict.REFUSED:
-                service.metrics.drop(transport, "auth")
+                service.metrics.drop(transport, DropReason.AUTH)
                 log.warning("fork %s from %s refused: %s", parser_class.dialect, source, admission.reason)
-                await websocket.close(code=1008, reason=admission.reason)
+                await websocket.close(code=CloseCode.POLICY, reason=admission.reason)
                 return
             if not limit.acquire(source):
-                service.metrics.drop(transport, "connection-limit")
+                service.metrics.drop(transport, DropReason.CONNECTION_LIMIT)
                 log.warning(
                     "fork %s from %s refused: %d connections open (limit %d per source)",
                     parser_class.dialect,
@@ -82,7 +85,9 @@ def fork_routes(service: Service) -> list[BaseRoute]:
                     limit.count(source),
                     limit.per_source,
                 )
-                await websocket.close(code=1013, reason="too many connections from this source")
+                await websocket.close(
+                    code=CloseCode.TRY_LATER, reason="too many connections from this source"
+                )
                 return
             try:
                 offered = websocket.scope.get("subprotocols") or []

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from callscribe.bridge.events import EndReason
 from callscribe.bridge.webrtc import WhipError, WhipIngest
 from callscribe.calls import AtCapacity, LegConflict
 from callscribe.web.app import error, refusal
@@ -98,7 +99,7 @@ def whip_routes(service: Service) -> list[BaseRoute]:
         if response := refused(request):
             return response
         session_id = request.path_params["session_id"]
-        if not await ingest.end(session_id, "hangup"):
+        if not await ingest.end(session_id, EndReason.HANGUP):
             return error(404, f"no WHIP session {session_id!r}")
         await service.publisher.wait_flushed(timeout=10.0)
         return Response(status_code=200)

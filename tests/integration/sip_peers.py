@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from callscribe.bridge.rtp import RtpPacket
+from callscribe.bridge.rtp.packet import RtpPacket
 from tests.support import Clip, free_port
 
 SCENARIOS = Path(__file__).parent / "sipp"

@@ -101,8 +101,8 @@ async def test_garbage_connections_do_not_disturb_a_call(
         await send_tcp(port, odd, 0.0)
         await good
         events = await read_call_events(redis, key_prefix, str(call), timeout=LOADED_MACHINE_S)
-        assert svc.metrics.dropped("audiosocket", "protocol-error") == 2
-        assert svc.metrics.dropped("audiosocket", "unknown-kind") == 1
+        assert svc.metrics.dropped("audiosocket", "protocol_error") == 2
+        assert svc.metrics.dropped("audiosocket", "unknown_kind") == 1
         assert svc.metrics.dropped("audiosocket", "empty") == 1
     assert_heard(finals_text(events, "caller"), clip.reference)
 
@@ -125,7 +125,7 @@ async def test_duplicate_uuid_and_connection_limit(make_service: ServiceFactory)
         await asyncio.sleep(0.1)
         third = await asyncio.open_connection("127.0.0.1", port)
         assert await asyncio.wait_for(third[0].read(), 5) == b""
-        assert svc.metrics.dropped("audiosocket", "connection-limit") == 1
+        assert svc.metrics.dropped("audiosocket", "connection_limit") == 1
         assert svc.metrics.dropped("audiosocket", "refused") == 1
         for _reader, writer in (first, holder, third):
             writer.close()

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from callscribe.bridge.rtp_sender import send_wav
+from callscribe.bridge.rtp.sender import send_wav
 from callscribe.events import EventType, TranscriptEvent
 from tests.conftest import REDIS_URL, ServiceFactory
 from tests.support import CLIPS, free_port, load_clip, serve_command

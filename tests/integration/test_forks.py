@@ -276,12 +276,12 @@ async def test_bad_input_and_abrupt_disconnect_leave_other_calls_alone(
         good_events = await read_call_events(redis, key_prefix, good_call, timeout=LOADED_MACHINE_S)
         cut_events = await read_call_events(redis, key_prefix, cut_call, timeout=LOADED_MACHINE_S)
         for reason in (
-            "bad-json",
-            "bad-shape",
-            "bad-base64",
-            "unknown-event",
+            "bad_json",
+            "bad_shape",
+            "bad_base64",
+            "unknown_event",
             "oversized",
-            "unexpected-binary",
+            "unexpected_binary",
         ):
             assert svc.metrics.dropped("ws-twilio", reason) >= 1, reason
     assert_heard(finals_text(good_events, "caller"), good_clip.reference)
@@ -298,7 +298,7 @@ async def test_connection_limit_per_source(make_service: ServiceFactory) -> None
                 async with connect(url(svc, "freeswitch", "call_id=b")):
                     pass
             assert refused.value.response.status_code == 403
-        assert svc.metrics.dropped("ws-freeswitch", "connection-limit") == 1
+        assert svc.metrics.dropped("ws-freeswitch", "connection_limit") == 1
         # The slot is free again once the first socket has gone.
         await asyncio.sleep(0.2)
         async with connect(url(svc, "freeswitch", "call_id=c")):

@@ -21,13 +21,13 @@ import pytest
 import redis.asyncio as aioredis
 import soxr
 
-from callscribe.bridge.rtp import RtpPacket
+from callscribe.bridge.rtp.packet import RtpPacket
 from callscribe.codecs import encoder_for, spec_by_name
 from callscribe.codecs.dtmf import TelephoneEvent
 from callscribe.events import EventType, TranscriptEvent
 from callscribe.service import Service
 from tests.conftest import ServiceFactory
-from tests.support import finals_text, free_port_range, load_clip, read_call_events
+from tests.support import finals_text, free_port, free_port_range, load_clip, read_call_events
 
 PTIME = 0.02
 SAMPLES = 160  # 20 ms at 8 kHz
@@ -159,7 +159,7 @@ async def test_bad_input_is_counted_and_another_leg_keeps_transcribing(
         arrived = received._value.get() - before
 
         await sending
-        for reason in ("truncated", "bad_version", "bad_csrc", "bad_extension", "oversize", "rate_limited"):
+        for reason in ("truncated", "bad_version", "bad_csrc", "bad_extension", "oversized", "rate_limited"):
             assert dropped(svc, reason) >= 1, f"no drop counted as {reason}"
         assert dropped(svc, "unknown_payload_type") >= 5  # the victim's, and random datagrams'
         assert len(svc.registry.legs) <= 3  # random bytes that parse as RTP opened no legs
@@ -281,6 +281,8 @@ async def test_ffmpeg_into_a_leg_reserved_over_http(
         # DELETE returns once the leg's last final is in Redis: allow a slow engine time.
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{svc.http_port}", timeout=60) as http,
     ):
+        # ffmpeg ends with an RTCP BYE, which ends a leg by itself (test_rtcp_bye_ends_the_leg);
+        # this test is about DELETE, so ffmpeg's RTCP goes to a port nobody listens on.
         reply = await http.post("/v1/legs", json={"call_id": "ffmpeg-call", "leg": "caller", "codec": "pcmu"})
         assert reply.status_code == 201, reply.text
         leg = reply.json()
@@ -288,7 +290,8 @@ async def test_ffmpeg_into_a_leg_reserved_over_http(
         assert bad.status_code == 400 and "pcmu" in bad.json()["error"]
         proc = await asyncio.create_subprocess_exec(
             "ffmpeg", "-hide_banner", "-loglevel", "error", "-re", "-i", str(clip.path),
-            "-ar", "8000", "-ac", "1", "-acodec", "pcm_mulaw", "-f", "rtp", f"rtp://127.0.0.1:{leg['rtp_port']}",
+            "-ar", "8000", "-ac", "1", "-acodec", "pcm_mulaw", "-f", "rtp",
+            f"rtp://127.0.0.1:{leg['rtp_port']}?rtcpport={free_port()}",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         _, stderr = await asyncio.wait_for(proc.communicate(), timeout=60)
@@ -316,3 +319,48 @@ async def test_port_range_exhaustion_is_a_clear_503(make_service: ServiceFactory
         assert (await http.delete(f"/v1/legs/{replies[0].json()['leg_id']}")).status_code == 204
         again = await http.post("/v1/legs", json={"call_id": "full-3", "codec": "pcma"})
         assert again.status_code == 201 and again.json()["rtp_port"] == replies[0].json()["rtp_port"]
+
+
+def rtcp_bye(ssrc: int) -> bytes:
+    """RR + BYE, the compound packet a sender ends with (RFC 3550 §6.6)."""
+    report = bytes([0x80, 201, 0, 1]) + ssrc.to_bytes(4, "big")
+    return report + bytes([0x81, 203, 0, 1]) + ssrc.to_bytes(4, "big")
+
+
+async def test_rtcp_bye_ends_the_leg(
+    make_service: ServiceFactory, redis: aioredis.Redis, key_prefix: str
+) -> None:
+    """A BYE on the RTCP port (RTP port + 1) of a reserved leg, and one muxed on the auto-leg
+    port (RFC 5761), end their legs at once with reason hangup: no idle timeout involved."""
+    async with make_service(leg_idle_timeout_sec=60.0, **ISOLATED) as svc:
+        reserved = await svc.rtp.reserve("bye-call", "agent", "pcmu")
+        silence = b"\xff" * 160
+        with (
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rtp,
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rtcp,
+        ):
+            rtp.bind(("127.0.0.1", 0))
+            rtcp.bind(("127.0.0.1", 0))
+            for n in range(25):
+                rtp.sendto(
+                    RtpPacket(0, n, n * 160, 0xB1E, silence).serialize(), ("127.0.0.1", reserved.rtp_port)
+                )
+            await asyncio.sleep(0.3)  # the bridge reads the RTP (a BYE comes after the media)
+            # Someone else's BYE changes nothing; ours ends the leg.
+            rtcp.sendto(rtcp_bye(0x5EE), ("127.0.0.1", reserved.rtp_port + 1))
+            rtcp.sendto(rtcp_bye(0xB1E), ("127.0.0.1", reserved.rtp_port + 1))
+            auto_port = svc.settings.rtp_port
+            for n in range(25):
+                rtp.sendto(RtpPacket(0, n, n * 160, 0xA070, silence).serialize(), ("127.0.0.1", auto_port))
+            await asyncio.sleep(0.3)
+            rtp.sendto(rtcp_bye(0xA070), ("127.0.0.1", auto_port))
+            auto_call = f"rtp-127.0.0.1-{rtp.getsockname()[1]}-{0xA070:08x}"
+        started = time.monotonic()
+        reserved_events = await read_call_events(redis, key_prefix, "bye-call", timeout=30)
+        auto_events = await read_call_events(redis, key_prefix, auto_call, timeout=30)
+        assert time.monotonic() - started < 30  # well before the 60 s idle timeout
+        assert dropped(svc, "rtcp") >= 1  # the stranger's BYE
+    for events, leg in ((reserved_events, "agent"), (auto_events, "caller")):
+        [ended] = [e for e in events if e.type == EventType.LEG_ENDED]
+        assert ended.leg == leg and ended.meta["reason"] == "hangup"
+        assert ended.end_ms == 500  # every packet before the BYE was heard

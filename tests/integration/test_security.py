@@ -19,9 +19,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from callscribe.bridge.forks.admission import twilio_signature
-from callscribe.bridge.rtp import RtpPacket
-from callscribe.bridge.sip import SipResponse, parse_message
-from callscribe.bridge.sip_auth import parse_authorization
+from callscribe.bridge.rtp.packet import RtpPacket
+from callscribe.bridge.sip.auth import parse_authorization
+from callscribe.bridge.sip.message import SipResponse, parse_message
 from callscribe.logs import configure_logging
 from callscribe.service import Service
 from tests.conftest import ServiceFactory

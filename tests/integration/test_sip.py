@@ -13,7 +13,7 @@ import jiwer
 import pytest
 import redis.asyncio as aioredis
 
-from callscribe.bridge.sip import SipResponse, parse_message
+from callscribe.bridge.sip.message import SipResponse, parse_message
 from callscribe.events import EventType
 from tests.conftest import ServiceFactory
 from tests.integration.sip_peers import SIPP, PcapStream, run_sipp, write_pcmu_pcap

@@ -257,4 +257,8 @@ async def test_video_is_declined_and_a_vanished_peer_ends_its_leg(
         events = await read_call_events(redis, key_prefix, "web-call-3", timeout=20)
         assert not svc.whip.sessions
     ended = next(e for e in events if e.type == EventType.LEG_ENDED)
-    assert ended.leg == "caller" and ended.meta["reason"] in ("track-ended", "idle", "connection-closed")
+    assert ended.leg == "caller" and ended.meta["reason"] in (
+        "track_ended",
+        "idle_timeout",
+        "connection_closed",
+    )

@@ -11,17 +11,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from callscribe.bridge.audiosocket import (
-    AudioReceived,
+from callscribe.bridge.audiosocket.parser import (
     AudioSocketError,
     AudioSocketParser,
     CallIdentified,
-    DigitReceived,
     ErrorReceived,
-    FrameSkipped,
     HangupReceived,
     hangup_frame,
 )
+from callscribe.bridge.events import CALLER, AudioReceived, Dropped, DtmfReceived
+from callscribe.codecs import s16le, spec_by_name
 
 CALL = uuid.UUID("6f1c4a52-9c1e-4b5e-8d7a-3f2b1c0d9e8f")
 
@@ -51,10 +50,10 @@ def expected_events() -> list[object]:
     pcm8 = struct.pack("<160h", *range(-80, 80))
     return [
         CallIdentified(str(CALL)),
-        AudioReceived(pcm8, 8000),
-        AudioReceived(pcm8[::-1], 8000),
-        DigitReceived("7"),
-        AudioReceived(struct.pack("<320h", *range(320)), 16000),
+        AudioReceived(CALLER, pcm8, "s16le-8k"),
+        AudioReceived(CALLER, pcm8[::-1], "s16le-8k"),
+        DtmfReceived(CALLER, "7"),
+        AudioReceived(CALLER, struct.pack("<320h", *range(320)), "s16le-16k"),
         ErrorReceived(2),
         HangupReceived(),
     ]
@@ -103,7 +102,8 @@ def test_any_segmentation(cuts: list[int]) -> None:
 )
 def test_every_slin_rate(kind: int, rate: int) -> None:
     events = AudioSocketParser().receive_data(frame(0x01, CALL.bytes) + frame(kind, b"\x01\x00" * 4))
-    assert events[1] == AudioReceived(b"\x01\x00" * 4, rate)
+    assert events[1] == AudioReceived(CALLER, b"\x01\x00" * 4, s16le(rate).name)
+    assert spec_by_name(events[1].codec).sample_rate == rate
 
 
 def test_audio_before_uuid_is_a_protocol_error() -> None:
@@ -128,16 +128,16 @@ def test_bad_frames_are_skipped_with_a_reason() -> None:
         + frame(0x01, CALL.bytes)  # duplicate UUID
         + frame(0x10, b"\x05\x00")
     )
-    reasons = [e.reason for e in events if isinstance(e, FrameSkipped)]
-    assert reasons == ["empty", "odd-length", "unknown-kind", "bad-dtmf", "oversized", "duplicate-uuid"]
-    assert events[-1] == AudioReceived(b"\x05\x00", 8000)
+    reasons = [e.reason for e in events if isinstance(e, Dropped)]
+    assert reasons == ["empty", "odd_length", "unknown_kind", "bad_dtmf", "oversized", "duplicate_uuid"]
+    assert events[-1] == AudioReceived(CALLER, b"\x05\x00", "s16le-8k")
 
 
 def test_oversized_frame_split_across_reads_is_read_past() -> None:
     parser = AudioSocketParser(max_payload=100)
     data = frame(0x01, CALL.bytes) + frame(0x10, b"\x00" * 500) + frame(0x10, b"\x09\x00")
     events = [e for i in range(0, len(data), 7) for e in parser.receive_data(data[i : i + 7])]
-    assert [type(e) for e in events] == [CallIdentified, FrameSkipped, AudioReceived]
+    assert [type(e) for e in events] == [CallIdentified, Dropped, AudioReceived]
 
 
 def test_nothing_after_hangup() -> None:

@@ -7,13 +7,13 @@ import base64
 from pydantic import SecretStr
 
 from callscribe.bridge.forks.admission import (
-    SourceLimit,
     Verdict,
     admit,
     presented_token,
     twilio_signature,
     twilio_signature_valid,
 )
+from callscribe.bridge.limits import SourceLimit
 from callscribe.security import AccessPolicy
 
 TOKEN = "12345"

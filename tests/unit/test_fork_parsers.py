@@ -12,15 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from callscribe.bridge.events import AudioReceived, Dropped, DtmfReceived
 from callscribe.bridge.forks import DIALECTS
 from callscribe.bridge.forks.asterisk import AsteriskWebsocketParser, parse_control
 from callscribe.bridge.forks.base import linear_codec, parse_rate
 from callscribe.bridge.forks.events import (
-    DtmfReceived,
     ForkEvent,
     ForkProtocolError,
-    FrameDropped,
-    MediaReceived,
     RemoteError,
     StreamStarted,
     StreamStopped,
@@ -46,7 +44,7 @@ def feed(parser: Any, *messages: str | bytes) -> list[ForkEvent]:
 
 
 def drops(events: list[ForkEvent]) -> list[str]:
-    return [e.reason for e in events if isinstance(e, FrameDropped)]
+    return [e.reason for e in events if isinstance(e, Dropped)]
 
 
 # -- Twilio -------------------------------------------------------------------------------
@@ -99,8 +97,8 @@ def test_twilio_call_sequence() -> None:
     assert started.meta["custom"] == {"agent": "ann"}  # the token is never published
     assert started.meta["streamSid"] == "MZ1"
     assert events[1:] == [
-        MediaReceived("caller", b"\xff" * 160, "pcmu"),
-        MediaReceived("agent", b"\x7f" * 160, "pcmu"),
+        AudioReceived("caller", b"\xff" * 160, "pcmu"),
+        AudioReceived("agent", b"\x7f" * 160, "pcmu"),
         DtmfReceived("caller", "5", 0),
         StreamStopped("stop"),
     ]
@@ -109,24 +107,24 @@ def test_twilio_call_sequence() -> None:
 def test_twilio_inbound_only_refuses_outbound_media() -> None:
     parser = TwilioParser()
     feed(parser, twilio_start(tracks=["inbound"]))
-    assert drops(feed(parser, twilio_media(2, "outbound", b"\x00"))) == ["bad-shape"]
+    assert drops(feed(parser, twilio_media(2, "outbound", b"\x00"))) == ["bad_shape"]
 
 
 @pytest.mark.parametrize(
     ("message", "reason"),
     [
-        ("not json", "bad-json"),
-        ("[1, 2]", "bad-shape"),
-        ('{"no": "event"}', "bad-shape"),
-        ('{"event": 7}', "bad-shape"),
-        ('{"event": "media", "media": "flat"}', "bad-shape"),
-        ('{"event": "media", "media": {"track": "inbound", "payload": 5}}', "bad-shape"),
-        ('{"event": "media", "media": {"track": "sideways", "payload": "AA=="}}', "bad-shape"),
-        ('{"event": "media", "media": {"track": "inbound", "payload": "%%%not-base64"}}', "bad-base64"),
+        ("not json", "bad_json"),
+        ("[1, 2]", "bad_shape"),
+        ('{"no": "event"}', "bad_shape"),
+        ('{"event": 7}', "bad_shape"),
+        ('{"event": "media", "media": "flat"}', "bad_shape"),
+        ('{"event": "media", "media": {"track": "inbound", "payload": 5}}', "bad_shape"),
+        ('{"event": "media", "media": {"track": "sideways", "payload": "AA=="}}', "bad_shape"),
+        ('{"event": "media", "media": {"track": "inbound", "payload": "%%%not-base64"}}', "bad_base64"),
         ('{"event": "media", "media": {"track": "inbound", "payload": ""}}', "empty"),
-        ('{"event": "dtmf", "dtmf": {"digit": "55"}}', "bad-shape"),
-        ('{"event": "dtmf", "dtmf": {"digit": "X"}}', "bad-shape"),
-        ('{"event": "teleport", "sequenceNumber": "9"}', "unknown-event"),
+        ('{"event": "dtmf", "dtmf": {"digit": "55"}}', "bad_shape"),
+        ('{"event": "dtmf", "dtmf": {"digit": "X"}}', "bad_shape"),
+        ('{"event": "teleport", "sequenceNumber": "9"}', "unknown_event"),
     ],
 )
 def test_twilio_bad_messages_are_counted_drops(message: str, reason: str) -> None:
@@ -134,23 +132,23 @@ def test_twilio_bad_messages_are_counted_drops(message: str, reason: str) -> Non
     feed(parser, twilio_start())
     assert drops(feed(parser, message)) == [reason]
     # The stream goes on.
-    assert feed(parser, twilio_media(10, "inbound", b"\x01")) == [MediaReceived("caller", b"\x01", "pcmu")]
+    assert feed(parser, twilio_media(10, "inbound", b"\x01")) == [AudioReceived("caller", b"\x01", "pcmu")]
 
 
 def test_twilio_order_of_life() -> None:
     parser = TwilioParser()
-    assert drops(feed(parser, twilio_media(1, "inbound", b"\x01"))) == ["before-start"]
-    assert drops(feed(parser, b"\x00\x01")) == ["unexpected-binary"]
+    assert drops(feed(parser, twilio_media(1, "inbound", b"\x01"))) == ["before_start"]
+    assert drops(feed(parser, b"\x00\x01")) == ["unexpected_binary"]
     feed(parser, twilio_start())
-    assert drops(feed(parser, twilio_start())) == ["duplicate-start"]
+    assert drops(feed(parser, twilio_start())) == ["duplicate_start"]
     feed(parser, json.dumps({"event": "stop", "sequenceNumber": "3"}))
-    assert drops(feed(parser, twilio_media(4, "inbound", b"\x01"))) == ["after-stop"]
+    assert drops(feed(parser, twilio_media(4, "inbound", b"\x01"))) == ["after_stop"]
 
 
 def test_twilio_bad_start_shape_is_dropped_and_media_waits() -> None:
     parser = TwilioParser()
-    assert drops(feed(parser, json.dumps({"event": "start", "start": {"streamSid": "MZ1"}}))) == ["bad-shape"]
-    assert drops(feed(parser, twilio_media(2, "inbound", b"\x01"))) == ["before-start"]
+    assert drops(feed(parser, json.dumps({"event": "start", "start": {"streamSid": "MZ1"}}))) == ["bad_shape"]
+    assert drops(feed(parser, twilio_media(2, "inbound", b"\x01"))) == ["before_start"]
 
 
 def test_twilio_unsupported_encoding_ends_the_stream() -> None:
@@ -183,7 +181,7 @@ def telnyx_media(seq: int, track: str = "inbound") -> str:
 
 
 def payload_seqs(events: list[ForkEvent]) -> list[int]:
-    return [struct.unpack("!H", e.payload)[0] for e in events if isinstance(e, MediaReceived)]
+    return [struct.unpack("!H", e.payload)[0] for e in events if isinstance(e, AudioReceived)]
 
 
 def test_telnyx_start_and_codecs() -> None:
@@ -244,7 +242,7 @@ def test_reorder_restores_any_bounded_shuffle(seed: int) -> None:
     reorder.expect(2)
     out: list[ForkEvent] = []
     for seq in shuffled:
-        released = reorder.push(seq, [MediaReceived("caller", struct.pack("!H", seq), "pcmu")])
+        released = reorder.push(seq, [AudioReceived("caller", struct.pack("!H", seq), "pcmu")])
         assert released is not None
         out += released
     out += reorder.flush()
@@ -283,7 +281,7 @@ def test_plivo_stream() -> None:
     started = events[0]
     assert isinstance(started, StreamStarted)
     assert (started.call_id, started.token, started.meta["custom"]) == ("c-1", "s3cret", {"crm": "42"})
-    assert events[1] == MediaReceived("caller", b"\x01\x00", "s16le-16k")
+    assert events[1] == AudioReceived("caller", b"\x01\x00", "s16le-16k")
 
 
 def test_exotel_stream_is_raw_pcm_on_one_leg() -> None:
@@ -316,7 +314,7 @@ def test_exotel_stream_is_raw_pcm_on_one_leg() -> None:
     events = feed(ExotelParser(), json.dumps(start), json.dumps(media), json.dumps(dtmf))
     assert isinstance(events[0], StreamStarted) and events[0].call_id == "CA9"
     assert events[1:] == [
-        MediaReceived("caller", b"\x02\x00" * 800, "s16le-8k"),
+        AudioReceived("caller", b"\x02\x00" * 800, "s16le-8k"),
         DtmfReceived("caller", "5", 100),
     ]
 
@@ -348,9 +346,9 @@ def test_asterisk_plain_text_session() -> None:
     assert isinstance(started, StreamStarted) and started.call_id == "1700000000.42"
     assert started.meta["format"] == "ulaw" and started.meta["channel"] == "WebSocket/media_connection1/0x7f"
     assert events[1:] == [
-        MediaReceived("caller", b"\xff" * 160, "pcmu"),
+        AudioReceived("caller", b"\xff" * 160, "pcmu"),
         DtmfReceived("caller", "#", 0),
-        MediaReceived("caller", b"\x7f" * 160, "pcmu"),
+        AudioReceived("caller", b"\x7f" * 160, "pcmu"),
     ]
 
 
@@ -373,21 +371,21 @@ def test_asterisk_json_session_with_call_id_from_channel_variables() -> None:
         json.dumps({"event": "ERROR", "channel_id": "17.1", "error_text": "boom"}),
     )
     assert isinstance(events[0], StreamStarted) and events[0].call_id == "call-77"
-    assert events[1:] == [MediaReceived("agent", b"\x00\x01" * 320, "s16le-16k"), RemoteError("boom")]
+    assert events[1:] == [AudioReceived("agent", b"\x00\x01" * 320, "s16le-16k"), RemoteError("boom")]
 
 
 def test_asterisk_url_call_id_wins_and_bad_input_is_dropped() -> None:
     parser = AsteriskWebsocketParser({"call_id": "from-url"})
-    assert drops(feed(parser, b"\x00" * 160)) == ["before-start"]
-    assert drops(feed(parser, "DTMF_END digit:1")) == ["before-start"]
+    assert drops(feed(parser, b"\x00" * 160)) == ["before_start"]
+    assert drops(feed(parser, "DTMF_END digit:1")) == ["before_start"]
     started = feed(parser, PLAIN_START)[0]
     assert isinstance(started, StreamStarted) and started.call_id == "from-url"
     assert drops(feed(parser, "{broken json", "MEDIA_START what", "FLY_AWAY now:1", b"", PLAIN_START)) == [
-        "bad-control",
-        "bad-control",
-        "unknown-event",
+        "bad_control",
+        "bad_control",
+        "unknown_event",
         "empty",
-        "duplicate-start",
+        "duplicate_start",
     ]
 
 
@@ -416,7 +414,7 @@ def test_freeswitch_stereo_splits_into_caller_and_agent() -> None:
     assert isinstance(started, StreamStarted)
     assert started.call_id == "fs-uuid" and started.reply_transcripts
     assert started.meta["metadata"]["crm"] == 1 and started.meta["mix"] == "stereo"
-    media = [e for e in events if isinstance(e, MediaReceived)]
+    media = [e for e in events if isinstance(e, AudioReceived)]
     caller = b"".join(e.payload for e in media if e.leg == "caller")
     agent = b"".join(e.payload for e in media if e.leg == "agent")
     assert struct.unpack("<3h", caller) == tuple(left) and struct.unpack("<3h", agent) == tuple(right)
@@ -427,7 +425,7 @@ def test_freeswitch_settings_from_the_url_and_no_metadata() -> None:
     parser = FreeswitchParser({"call_id": "u-1", "rate": "8000", "leg": "agent"})
     events = feed(parser, b"\x01\x00\x02\x00")
     assert isinstance(events[0], StreamStarted) and events[0].call_id == "u-1"
-    assert events[1] == MediaReceived("agent", b"\x01\x00\x02\x00", "s16le-8k")
+    assert events[1] == AudioReceived("agent", b"\x01\x00\x02\x00", "s16le-8k")
     assert events[0].reply_transcripts is False
 
 
@@ -439,11 +437,11 @@ def test_freeswitch_plain_uuid_metadata_and_graceful_shutdown() -> None:
     )
     assert isinstance(events[0], StreamStarted) and events[0].call_id == uuid_text
     assert events[1:4] == [
-        MediaReceived("mixed", b"\x01\x00", "s16le-8k"),
+        AudioReceived("mixed", b"\x01\x00", "s16le-8k"),
         DtmfReceived("mixed", "9", 0),
         StreamStopped("graceful"),
     ]
-    assert drops(events[4:]) == ["after-stop"]
+    assert drops(events[4:]) == ["after_stop"]
 
 
 def test_freeswitch_without_any_call_id_gets_a_made_up_one() -> None:
@@ -500,7 +498,7 @@ def test_any_input_gives_events_or_a_protocol_error(dialect: str, messages: list
         events = feed(parser, *messages) + parser.finish()
     except ForkProtocolError:
         return
-    media = [e for e in events if isinstance(e, MediaReceived)]
+    media = [e for e in events if isinstance(e, AudioReceived)]
     started = [e for e in events if isinstance(e, StreamStarted)]
     assert len(started) <= 1
     assert not media or started, "media only ever follows a start"

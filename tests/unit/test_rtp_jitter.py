@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from callscribe.bridge.rtp import JitterBuffer, RtpPacket
+from callscribe.bridge.rtp.jitter import JitterBuffer
+from callscribe.bridge.rtp.packet import RtpPacket
 
 
 def pkt(seq: int) -> RtpPacket:

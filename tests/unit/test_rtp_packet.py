@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from callscribe.bridge.rtp import RtpError, RtpPacket, is_rtcp, seq_delta
+from callscribe.bridge.rtp.packet import RtpError, RtpPacket, is_rtcp, seq_delta
 
 # A real PCMU packet header (Asterisk): V=2, PT 0, marker, seq 0x1234, ts 0xdeadbeef, SSRC 0x01020304.
 VECTOR = bytes.fromhex("80801234deadbeef01020304") + b"\xff" * 160
@@ -98,3 +98,16 @@ def test_seq_delta_wraps() -> None:
     assert seq_delta(65535, 0) == -1
     assert seq_delta(100, 50) == 50
     assert seq_delta(50, 100) == -50
+
+
+def test_rtcp_bye_ssrcs_walks_compound_packets() -> None:
+    from callscribe.bridge.rtp.packet import rtcp_bye_ssrcs
+
+    receiver_report = bytes([0x80, 201, 0, 1]) + (7).to_bytes(4, "big")
+    bye = bytes([0x82, 203, 0, 2]) + (7).to_bytes(4, "big") + (8).to_bytes(4, "big")
+    assert rtcp_bye_ssrcs(receiver_report + bye) == [7, 8]
+    assert rtcp_bye_ssrcs(bye + b"reason") == [7, 8]  # trailing bytes past the BYE are ignored
+    assert rtcp_bye_ssrcs(receiver_report) is None
+    assert rtcp_bye_ssrcs(bytes([0x82, 203, 0, 9]) + bytes(8)) is None  # length past the end
+    assert rtcp_bye_ssrcs(bytes([0x40, 203, 0, 0])) is None  # not version 2
+    assert rtcp_bye_ssrcs(b"") is None

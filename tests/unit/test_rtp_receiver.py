@@ -6,7 +6,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from callscribe.bridge.rtp import Audio, Drop, Dtmf, LegEvent, RtpLegReceiver, RtpPacket
+from callscribe.bridge.events import CALLER, AudioReceived, Dropped, DtmfReceived
+from callscribe.bridge.rtp.packet import RtpPacket
+from callscribe.bridge.rtp.receiver import LegEvent, RtpLegReceiver
 from callscribe.codecs import encoder_for, spec_by_name
 from callscribe.codecs.dtmf import TelephoneEvent
 
@@ -14,24 +16,34 @@ TONE = (np.sin(np.arange(160) / 3) * 8000).astype(np.int16)
 ULAW = encoder_for(spec_by_name("pcmu")).encode(TONE)
 
 
+def pcm(event: AudioReceived) -> np.ndarray:
+    """The int16 samples of a decoded AudioReceived (the receiver reports s16le-<rate>)."""
+    assert event.codec.startswith("s16le-")
+    return np.frombuffer(event.payload, dtype="<i2")
+
+
+def rate(event: AudioReceived) -> int:
+    return spec_by_name(event.codec).sample_rate
+
+
 def rtp(seq: int, ts: int, payload: bytes = ULAW, pt: int = 0, ssrc: int = 0xABC) -> bytes:
     return RtpPacket(pt, seq % 65536, ts % 2**32, ssrc, payload).serialize()
 
 
 def audio_samples(events: list[LegEvent]) -> int:
-    return sum(e.pcm.size for e in events if isinstance(e, Audio))
+    return sum(pcm(e).size for e in events if isinstance(e, AudioReceived))
 
 
 def drops(events: list[LegEvent]) -> list[str]:
-    return [e.reason for e in events if isinstance(e, Drop)]
+    return [e.reason for e in events if isinstance(e, Dropped)]
 
 
 def test_in_order_pcmu_is_decoded_at_once() -> None:
     rx = RtpLegReceiver("pcmu")
     events = rx.receive(rtp(1, 1000), 0.0)
-    assert len(events) == 1 and isinstance(events[0], Audio)
-    assert events[0].rate == 8000 and events[0].pcm.size == 160
-    assert np.max(np.abs(events[0].pcm.astype(int) - TONE)) < 300
+    assert len(events) == 1 and isinstance(events[0], AudioReceived)
+    assert rate(events[0]) == 8000 and pcm(events[0]).size == 160
+    assert np.max(np.abs(pcm(events[0]).astype(int) - TONE)) < 300
 
 
 def test_loss_is_concealed_so_leg_time_stays_true() -> None:
@@ -57,7 +69,7 @@ def test_reordered_packets_keep_their_place() -> None:
     events += rx.receive(rtp(2, 320, marked[2]), 0.02)
     events += rx.receive(rtp(1, 160, marked[1]), 0.03)
     events += rx.receive(rtp(3, 480, marked[3]), 0.04)
-    levels = [round(float(np.median(e.pcm)) / 1000) for e in events if isinstance(e, Audio)]
+    levels = [round(float(np.median(pcm(e))) / 1000) for e in events if isinstance(e, AudioReceived)]
     assert levels == [0, 1, 2, 3]
     assert rx.concealed_samples == 0
 
@@ -66,13 +78,13 @@ def test_payload_type_map_switch_and_declared_codec() -> None:
     rx = RtpLegReceiver("l16-16k", payload_types={111: "opus", 118: "l16-8k"})
     opus = encoder_for(spec_by_name("opus")).encode(np.zeros(960, np.int16))
     events = rx.receive(rtp(1, 0, opus, pt=111), 0.0)
-    assert [(e.rate, e.pcm.size) for e in events if isinstance(e, Audio)] == [(48000, 960)]
+    assert [(rate(e), pcm(e).size) for e in events if isinstance(e, AudioReceived)] == [(48000, 960)]
     events = rx.receive(rtp(2, 960, b"\x00\x01" * 80, pt=118), 0.02)  # switch mid-stream
-    assert [(e.rate, e.pcm.size) for e in events if isinstance(e, Audio)] == [(8000, 80)]
+    assert [(rate(e), pcm(e).size) for e in events if isinstance(e, AudioReceived)] == [(8000, 80)]
     events = rx.receive(rtp(3, 1040, ULAW, pt=0), 0.04)  # static PT
-    assert [(e.rate, e.pcm.size) for e in events if isinstance(e, Audio)] == [(8000, 160)]
+    assert [(rate(e), pcm(e).size) for e in events if isinstance(e, AudioReceived)] == [(8000, 160)]
     events = rx.receive(rtp(4, 2000, b"\x00\x01" * 320, pt=99), 0.06)  # unmapped dynamic → declared
-    assert [(e.rate, e.pcm.size) for e in events if isinstance(e, Audio)] == [(16000, 320)]
+    assert [(rate(e), pcm(e).size) for e in events if isinstance(e, AudioReceived)] == [(16000, 320)]
 
 
 def test_g722_timestamps_are_half_the_samples() -> None:
@@ -105,7 +117,7 @@ def test_dtmf_events_once_per_press() -> None:
         payload = TelephoneEvent.for_digit("5", end, duration).serialize()
         events += rx.receive(rtp(seq, 8000, payload, pt=101), seq * 0.02)
         seq += 1
-    assert [e for e in events if isinstance(e, Dtmf)] == [Dtmf("5", 80)]
+    assert [e for e in events if isinstance(e, DtmfReceived)] == [DtmfReceived(CALLER, "5", 80)]
     assert drops(rx.receive(rtp(seq, 9000, b"\x01", pt=101), 1.0)) == ["bad_dtmf"]
 
 
@@ -147,15 +159,15 @@ def test_batching_joins_packets_and_poll_releases_old_audio() -> None:
     assert rx.receive(rtp(1, 0), 0.00) == []
     assert rx.receive(rtp(2, 160), 0.02) == []
     events = rx.receive(rtp(3, 320), 0.04)
-    assert [(e.rate, e.pcm.size) for e in events if isinstance(e, Audio)] == [(8000, 480)]
+    assert [(rate(e), pcm(e).size) for e in events if isinstance(e, AudioReceived)] == [(8000, 480)]
     assert rx.receive(rtp(4, 480), 0.06) == []
     assert rx.poll(0.10) == []
     assert audio_samples(rx.poll(0.12)) == 160  # waited the batch time
     rx.receive(rtp(5, 640), 0.14)
     digit = TelephoneEvent.for_digit("3", True, 800).serialize()
     events = rx.receive(rtp(6, 800, digit, pt=101), 0.16)
-    # Audio before the digit comes out first, so the digit is stamped after it.
-    assert [type(e).__name__ for e in events] == ["Audio", "Dtmf"]
+    # AudioReceived before the digit comes out first, so the digit is stamped after it.
+    assert [type(e).__name__ for e in events] == ["AudioReceived", "DtmfReceived"]
 
 
 @settings(max_examples=60, deadline=None)
@@ -181,10 +193,42 @@ def test_hostile_packet_streams_never_raise(packets: list[tuple[int, int, int, i
     for pt, seq, ts, ssrc, payload, step in packets:
         now += step
         for event in [*rx.receive(RtpPacket(pt, seq, ts, ssrc, payload).serialize(), now), *rx.poll(now)]:
-            if isinstance(event, Audio):
-                produced += event.pcm.size
+            if isinstance(event, AudioReceived):
+                produced += pcm(event).size
     for event in rx.flush():
-        if isinstance(event, Audio):
-            produced += event.pcm.size
+        if isinstance(event, AudioReceived):
+            produced += pcm(event).size
     # Concealment is capped: at most the cap per packet plus the largest decoded payload.
     assert produced <= len(packets) * (48000 // 2 + 48000 * 120 // 1000 + 400)
+
+
+def rtcp_bye(*ssrcs: int, after_report: bool = True) -> bytes:
+    """A compound RTCP packet as senders emit it: an empty RR, then a BYE (RFC 3550 §6.6)."""
+    report = bytes([0x80, 201, 0, 1]) + (ssrcs[0] if ssrcs else 0).to_bytes(4, "big")
+    bye = bytes([0x80 | len(ssrcs), 203]) + len(ssrcs).to_bytes(2, "big")
+    bye += b"".join(s.to_bytes(4, "big") for s in ssrcs)
+    return (report if after_report else b"") + bye
+
+
+def test_rtcp_bye_of_the_latched_source_flushes_and_ends() -> None:
+    from callscribe.bridge.events import EndReason, SenderEnded
+
+    rx = RtpLegReceiver("pcmu", jitter_ms=60, batch_ms=60)
+    events = rx.receive(rtp(1, 0), 0.0)
+    assert not events  # batched, held
+    events = rx.receive(rtcp_bye(0xABC), 0.02)  # muxed on the RTP port (RFC 5761)
+    assert [type(e).__name__ for e in events] == ["AudioReceived", "SenderEnded"]
+    assert events[-1] == SenderEnded(EndReason.HANGUP) and audio_samples(events) == 160
+    # From the RTCP port the same datagram goes to receive_rtcp().
+    rx = RtpLegReceiver("pcmu")
+    rx.receive(rtp(1, 0), 0.0)
+    assert rx.receive_rtcp(rtcp_bye(0x999, 0xABC, after_report=False))[-1] == SenderEnded()
+
+
+def test_rtcp_other_than_bye_of_our_source_is_a_counted_drop() -> None:
+    rx = RtpLegReceiver("pcmu")
+    assert drops(rx.receive(rtcp_bye(0xABC), 0.0)) == ["rtcp"]  # nothing latched yet
+    rx.receive(rtp(1, 0), 0.0)
+    assert drops(rx.receive(rtcp_bye(0x999), 0.02)) == ["rtcp"]  # someone else's goodbye
+    assert drops(rx.receive(bytes([0x80, 200, 0, 0]), 0.04)) == ["rtcp"]  # a sender report
+    assert drops(rx.receive_rtcp(bytes([0x81, 203, 0, 9]) + b"\x00" * 4)) == ["rtcp"]  # bad length

@@ -12,9 +12,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from callscribe.bridge.rtp import Audio, RtpLegReceiver, RtpPacket
-from callscribe.bridge.rtp_sender import packetize, read_wav_mono, send_wav
+from callscribe.bridge.events import AudioReceived
+from callscribe.bridge.rtp.packet import RtpPacket
+from callscribe.bridge.rtp.receiver import RtpLegReceiver
+from callscribe.bridge.rtp.sender import packetize, read_wav_mono, send_wav
 from callscribe.codecs import CodecError, spec_by_name
+
+
+def pcm(event: AudioReceived) -> np.ndarray:
+    """The int16 samples of a decoded AudioReceived (the receiver reports s16le-<rate>)."""
+    assert event.codec.startswith("s16le-")
+    return np.frombuffer(event.payload, dtype="<i2")
+
+
+def rate(event: AudioReceived) -> int:
+    return spec_by_name(event.codec).sample_rate
 
 
 def write_wav(path: Path, pcm: np.ndarray, rate: int, channels: int = 1) -> Path:
@@ -72,8 +84,8 @@ async def test_send_wav_paces_and_decodes_back(tmp_path: Path) -> None:
     assert all((b.sequence_number - a.sequence_number) % 65536 == 1 for a, b in itertools.pairwise(packets))
     assert all((b.timestamp - a.timestamp) % 2**32 == 160 for a, b in itertools.pairwise(packets))
     receiver = RtpLegReceiver("pcmu")
-    decoded = [e for d in datagrams for e in receiver.receive(d, 0.0) if isinstance(e, Audio)]
-    assert sum(e.pcm.size for e in decoded) == 8000
+    decoded = [e for d in datagrams for e in receiver.receive(d, 0.0) if isinstance(e, AudioReceived)]
+    assert sum(pcm(e).size for e in decoded) == 8000
 
 
 async def test_send_wav_rejects_bad_arguments(tmp_path: Path) -> None:

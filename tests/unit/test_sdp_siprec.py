@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from callscribe.bridge.sdp import SdpError, build_answer, parse_sdp, select_media
-from callscribe.bridge.sip import SipRequest, parse_message
-from callscribe.bridge.siprec import (
+from callscribe.bridge.sip.message import SipRequest, parse_message
+from callscribe.bridge.sip.sdp import SdpError, build_answer, parse_sdp, select_media
+from callscribe.bridge.sip.siprec import (
     SiprecError,
     parse_rs_metadata,
     parse_siprec_body,

@@ -2,25 +2,20 @@ from __future__ import annotations
 
 import pytest
 
-from callscribe.bridge.sip import (
-    T1,
-    T2,
-    AckReceived,
-    DialogEnded,
-    InviteCancelled,
-    InviteReceived,
-    MessageDropped,
+from callscribe.bridge.events import Dropped
+from callscribe.bridge.sip.events import AckReceived, DialogEnded, InviteCancelled, InviteReceived
+from callscribe.bridge.sip.message import (
     Peer,
     SipParseError,
     SipRequest,
     SipResponse,
     StreamFramer,
-    UasCore,
     parse_message,
     parse_name_addr,
     parse_via,
     split_values,
 )
+from callscribe.bridge.sip.uas import T1, T2, T4, TransactionStateError, TxnState, UasCore
 from tests.unit.sip_data import load
 
 PEER = Peer("udp", "198.51.100.9", 5062)
@@ -202,7 +197,7 @@ def test_cancel_before_answer_sends_200_and_487() -> None:
     assert [(r.status, r.cseq[1]) for r in responses] == [(200, "CANCEL"), (487, "INVITE")]
     assert not core.pending(invite.txn_id)
     with pytest.raises(KeyError):
-        core.respond(invite.txn_id, 200)
+        core.respond(invite.txn_id, 200, now=0.3)
     # 487 retransmitted (Timer G) until the ACK, which matches the INVITE transaction
     core.handle_timers(0.2 + T1)
     assert statuses(core) == [487]
@@ -256,14 +251,14 @@ def test_missing_mandatory_header_gets_400_and_is_counted() -> None:
     core = UasCore("<sip:c@h>")
     data = request("INVITE").replace(b"Call-ID: call-1@example.com\r\n", b"")
     [dropped] = core.receive(data, PEER, 0.0)
-    assert isinstance(dropped, MessageDropped) and dropped.reason == "missing_header"
+    assert isinstance(dropped, Dropped) and dropped.reason == "missing_header"
     assert statuses(core) == [400]
 
 
 def test_garbage_is_dropped_without_response() -> None:
     core = UasCore("<sip:c@h>")
     [dropped] = core.receive(b"\x00\x01 hello", PEER, 0.0)
-    assert isinstance(dropped, MessageDropped)
+    assert isinstance(dropped, Dropped)
     assert core.outgoing() == []
 
 
@@ -276,13 +271,95 @@ def test_transactions_expire() -> None:
 
 
 def test_request_flood_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    import callscribe.bridge.sip as sip
+    import callscribe.bridge.sip.uas as sip
 
     monkeypatch.setattr(sip, "MAX_TRANSACTIONS", 5)
     core = UasCore("<sip:c@h>")
     for n in range(5):
         assert core.receive(request("OPTIONS", branch=f"z9hG4bK-{n}"), PEER, 0.0) == []
     [dropped] = core.receive(request("OPTIONS", branch="z9hG4bK-6"), PEER, 0.0)
-    assert isinstance(dropped, MessageDropped) and dropped.reason == "overload"
+    assert isinstance(dropped, Dropped) and dropped.reason == "overload"
     core.handle_timers(64 * T1 + 1)  # answered transactions expire (Timer J) and make room
     assert core.receive(request("OPTIONS", branch="z9hG4bK-7"), PEER, 64 * T1 + 2) == []
+
+
+def transaction_state(core: UasCore, txn_id: str) -> TxnState | None:
+    txn = core._by_id.get(txn_id)
+    return txn.state if txn else None
+
+
+def test_invite_transaction_states_follow_rfc_3261_17_2_1() -> None:
+    core = UasCore("<sip:c@h>")
+    [invite] = core.receive(request("INVITE"), PEER, 0.0)
+    assert isinstance(invite, InviteReceived)
+    assert transaction_state(core, invite.txn_id) is TxnState.PROCEEDING
+    core.respond(invite.txn_id, 486, now=0.1)
+    assert transaction_state(core, invite.txn_id) is TxnState.COMPLETED
+    with pytest.raises(TransactionStateError):
+        core.respond(invite.txn_id, 200, now=0.2)  # one final response per transaction
+    core.receive(request("ACK", cseq_method="ACK"), PEER, 0.3)
+    assert transaction_state(core, invite.txn_id) is TxnState.CONFIRMED
+    core.receive(request("ACK", cseq_method="ACK"), PEER, 0.4)  # a copy, absorbed
+    assert transaction_state(core, invite.txn_id) is TxnState.CONFIRMED
+    core.handle_timers(0.3 + T4)  # Timer I
+    assert transaction_state(core, invite.txn_id) is None
+
+
+def test_2xx_moves_the_invite_transaction_to_accepted() -> None:
+    core = UasCore("<sip:c@h>")
+    [invite] = core.receive(request("INVITE"), PEER, 0.0)
+    assert isinstance(invite, InviteReceived)
+    core.respond(invite.txn_id, 180, now=0.05)
+    assert transaction_state(core, invite.txn_id) is TxnState.PROCEEDING
+    core.respond(invite.txn_id, 200, now=0.1)
+    assert transaction_state(core, invite.txn_id) is TxnState.ACCEPTED  # RFC 6026 §7.1
+    txn = core._by_id[invite.txn_id]
+    with pytest.raises(TransactionStateError, match="accepted → completed"):
+        txn.move(TxnState.COMPLETED)
+
+
+def test_non_invite_transaction_starts_trying_and_completes() -> None:
+    core = UasCore("<sip:c@h>")
+    core.receive(request("OPTIONS"), PEER, 0.0)
+    [txn] = core._transactions.values()
+    assert txn.state is TxnState.COMPLETED and txn.final_status == 200
+    with pytest.raises(TransactionStateError, match="completed → proceeding"):
+        txn.move(TxnState.PROCEEDING)
+
+
+def test_now_is_a_required_argument() -> None:
+    core = UasCore("<sip:c@h>")
+    [invite] = core.receive(request("INVITE"), PEER, 0.0)
+    assert isinstance(invite, InviteReceived)
+    with pytest.raises(TypeError, match="now"):
+        core.respond(invite.txn_id, 200)  # type: ignore[call-arg]
+
+
+def test_deadlines_come_from_a_heap_and_moved_ones_are_skipped() -> None:
+    core = UasCore("<sip:c@h>")
+    assert core.next_deadline() is None
+    [invite] = core.receive(request("INVITE"), PEER, 0.0)
+    assert isinstance(invite, InviteReceived)
+    core.respond(invite.txn_id, 200, now=1.0)
+    assert core.next_deadline() == 1.0 + T1  # the 2xx retransmission
+    [ok] = [r for r in sent(core) if r.status == 200]
+    to_tag = parse_name_addr(ok.headers.get("to") or "").tag
+    [acked] = core.receive(request("ACK", branch="z9hG4bK-ack", to_tag=to_tag), PEER, 1.2)
+    assert isinstance(acked, AckReceived)
+    # The ACK cleared the retransmission and give-up timers: what is left is Timer L's expiry.
+    assert core.next_deadline() == 1.0 + 64 * T1
+    assert core.handle_timers(1.0 + T1) == [] and core.outgoing() == []
+    core.handle_timers(1.0 + 64 * T1)
+    assert core.next_deadline() is None and not core._transactions
+
+
+def test_many_transactions_cost_one_deadline_lookup() -> None:
+    core = UasCore("<sip:c@h>")
+    for n in range(2000):
+        core.receive(request("OPTIONS", branch=f"z9hG4bK-{n}"), PEER, n * 0.001)
+    assert core.next_deadline() == 64 * T1  # Timer J of the first
+    core.handle_timers(64 * T1 + 0.5)  # expires the first 501 only
+    assert len(core._transactions) == 2000 - 501
+    assert core.next_deadline() == pytest.approx(64 * T1 + 0.501)
+    # Superseded heap entries (the unanswered-timeout of each) do not pile up without bound.
+    assert len(core._deadlines) <= 4 * len(core._transactions) + 4096

@@ -4,12 +4,8 @@ import hashlib
 
 import pytest
 
-from callscribe.bridge.sip import SipRequest, parse_message
-from callscribe.bridge.sip_auth import (
-    NONCE_TTL_SEC,
-    DigestAuthenticator,
-    parse_authorization,
-)
+from callscribe.bridge.sip.auth import NONCE_TTL_SEC, AuthVerdict, DigestAuthenticator, parse_authorization
+from callscribe.bridge.sip.message import SipRequest, parse_message
 
 
 def md5(text: str) -> str:
@@ -49,9 +45,11 @@ def test_digest_accepts_the_right_password_only(qop: bool) -> None:
     name, challenge = auth.challenge(1000.0)
     assert name == "WWW-Authenticate" and 'qop="auth"' in challenge
     nonce = parse_authorization(challenge)["nonce"]
-    assert auth.check(invite_with(answer(nonce, "s3cret", qop)), 1001.0) == "ok"
-    assert auth.check(invite_with(answer(nonce, "guess", qop)), 1001.0) == "denied"
-    assert auth.check(invite_with(answer(nonce, "s3cret", qop)), 1000.0 + NONCE_TTL_SEC + 1) == "stale"
+    assert auth.check(invite_with(answer(nonce, "s3cret", qop)), 1001.0) is AuthVerdict.OK
+    assert auth.check(invite_with(answer(nonce, "guess", qop)), 1001.0) is AuthVerdict.DENIED
+    assert (
+        auth.check(invite_with(answer(nonce, "s3cret", qop)), 1000.0 + NONCE_TTL_SEC + 1) is AuthVerdict.STALE
+    )
     forged = nonce.split(":")[0] + ":" + "0" * 32
-    assert auth.check(invite_with(answer(forged, "s3cret", qop)), 1001.0) == "denied"
-    assert auth.check(invite_with("Basic cGJ4OnMzY3JldA=="), 1001.0) == "denied"
+    assert auth.check(invite_with(answer(forged, "s3cret", qop)), 1001.0) is AuthVerdict.DENIED
+    assert auth.check(invite_with("Basic cGJ4OnMzY3JldA=="), 1001.0) is AuthVerdict.DENIED

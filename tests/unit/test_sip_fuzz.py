@@ -6,17 +6,11 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from callscribe.bridge.sdp import SdpError, parse_sdp, select_media
-from callscribe.bridge.sip import (
-    MessageDropped,
-    Peer,
-    SipParseError,
-    SipResponse,
-    StreamFramer,
-    UasCore,
-    parse_message,
-)
-from callscribe.bridge.siprec import SiprecError, parse_siprec_body, recorded_streams
+from callscribe.bridge.events import Dropped
+from callscribe.bridge.sip.message import Peer, SipParseError, SipResponse, StreamFramer, parse_message
+from callscribe.bridge.sip.sdp import SdpError, parse_sdp, select_media
+from callscribe.bridge.sip.siprec import SiprecError, parse_siprec_body, recorded_streams
+from callscribe.bridge.sip.uas import UasCore
 from tests.unit.sip_data import MESSAGES, load
 
 REAL = [load(name) for name in MESSAGES]
@@ -75,7 +69,7 @@ def exercise_core(data: bytes, peer: Peer) -> None:
     core = UasCore("<sip:callscribe@192.0.2.10:5060>")
     events = core.receive(data, peer, 0.0)
     for event in events:
-        if isinstance(event, MessageDropped):
+        if isinstance(event, Dropped):
             assert event.reason and event.detail
     for out, _ in core.outgoing():
         reply = parse_message(out)  # whatever we send must itself parse

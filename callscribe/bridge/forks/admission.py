@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -21,28 +20,6 @@ from callscribe.security import AccessPolicy
 DEFAULT_PORTS = {"ws": 80, "http": 80, "wss": 443, "https": 443}
 # Headers a token may arrive in, besides Authorization (Bearer or Basic).
 TOKEN_HEADERS = ("x-callscribe-token", "x-telnyx-streaming-auth-token")
-
-
-class SourceLimit:
-    """Open connections per source address, capped (a flood from one PBX cannot starve others)."""
-
-    def __init__(self, per_source: int) -> None:
-        self.per_source = per_source
-        self._open: Counter[str] = Counter()
-
-    def acquire(self, source: str) -> bool:
-        if self._open[source] >= self.per_source:
-            return False
-        self._open[source] += 1
-        return True
-
-    def release(self, source: str) -> None:
-        self._open[source] -= 1
-        if self._open[source] <= 0:
-            del self._open[source]
-
-    def count(self, source: str) -> int:
-        return self._open[source]
 
 
 def presented_token(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:

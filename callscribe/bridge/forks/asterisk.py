@@ -16,13 +16,11 @@ import json
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from callscribe.bridge.events import AudioReceived, Dropped, DropReason, DtmfReceived
 from callscribe.bridge.forks.base import CALLER, ForkParser, linear_codec
 from callscribe.bridge.forks.events import (
-    DtmfReceived,
     ForkEvent,
     ForkProtocolError,
-    FrameDropped,
-    MediaReceived,
     RemoteError,
     StreamStarted,
 )
@@ -102,32 +100,34 @@ class AsteriskWebsocketParser(ForkParser):
         try:
             name, fields = parse_control(text)
         except ValueError as exc:
-            return [FrameDropped("bad-control", f"{exc}: {text[:80]!r}")]
+            return [Dropped(DropReason.BAD_CONTROL, f"{exc}: {text[:80]!r}")]
         if name == "MEDIA_START":
             return self._start(fields)
         if name == "DTMF_END":
             digit = str(fields.get("digit", ""))
             if len(digit) != 1:
-                return [FrameDropped("bad-control", f"DTMF_END digit must be one character, got {digit!r}")]
+                return [
+                    Dropped(DropReason.BAD_CONTROL, f"DTMF_END digit must be one character, got {digit!r}")
+                ]
             if self.codec is None:
-                return [FrameDropped("before-start", "DTMF_END before MEDIA_START")]
+                return [Dropped(DropReason.BEFORE_START, "DTMF_END before MEDIA_START")]
             return [DtmfReceived(self.leg, digit.upper())]
         if name == "ERROR":
             return [RemoteError(str(fields.get("error_text", text))[:500])]
         if name in IGNORED:
             return []
-        return [FrameDropped("unknown-event", f"unknown control message {name[:40]!r}")]
+        return [Dropped(DropReason.UNKNOWN_EVENT, f"unknown control message {name[:40]!r}")]
 
     def receive_bytes(self, data: bytes) -> list[ForkEvent]:
         if self.codec is None:
-            return [FrameDropped("before-start", f"{len(data)} media bytes before MEDIA_START")]
+            return [Dropped(DropReason.BEFORE_START, f"{len(data)} media bytes before MEDIA_START")]
         if not data:
-            return [FrameDropped("empty", "empty media frame")]
-        return [MediaReceived(self.leg, data, self.codec)]
+            return [Dropped(DropReason.EMPTY, "empty media frame")]
+        return [AudioReceived(self.leg, data, self.codec)]
 
     def _start(self, fields: Mapping[str, Any]) -> list[ForkEvent]:
         if self.codec is not None:
-            return [FrameDropped("duplicate-start", "a second MEDIA_START on one connection")]
+            return [Dropped(DropReason.DUPLICATE_START, "a second MEDIA_START on one connection")]
         fmt = str(fields.get("format", ""))
         codec = FORMATS.get(fmt.lower())
         if codec is None:

@@ -4,12 +4,30 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from enum import IntEnum
 from typing import ClassVar
 
+from callscribe.bridge.events import CALLER
 from callscribe.bridge.forks.events import ForkEvent
 
-CALLER = "caller"
+__all__ = ["AGENT", "CALLER", "CloseCode", "ForkParser", "fork_transport", "linear_codec", "parse_rate"]
+
 AGENT = "agent"
+
+
+class CloseCode(IntEnum):
+    """Websocket close codes a fork ends with (RFC 6455 §7.4.1)."""
+
+    NORMAL = 1000
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED = 1003
+    POLICY = 1008  # refused: source, token, leg conflict
+    TRY_LATER = 1013  # refused for now: capacity, connections per source
+
+
+def fork_transport(dialect: str) -> str:
+    """The `transport` metrics label of a fork dialect."""
+    return f"ws-{dialect}"
 
 
 class ForkParser(ABC):
@@ -33,7 +51,7 @@ class ForkParser(ABC):
     @property
     def transport(self) -> str:
         """The `transport` label of this dialect's metrics."""
-        return f"ws-{self.dialect}"
+        return fork_transport(self.dialect)
 
     @abstractmethod
     def receive_text(self, text: str) -> list[ForkEvent]: ...

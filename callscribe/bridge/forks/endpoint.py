@@ -14,18 +14,17 @@ import json
 import logging
 from typing import Any, Protocol
 
-from callscribe.bridge.forks.base import ForkParser
+from callscribe.bridge.events import AudioReceived, Dropped, DropReason, DtmfReceived, EndReason
+from callscribe.bridge.forks.base import CloseCode, ForkParser
 from callscribe.bridge.forks.events import (
-    DtmfReceived,
     ForkEvent,
     ForkProtocolError,
-    FrameDropped,
-    MediaReceived,
     RemoteError,
     StreamStarted,
     StreamStopped,
 )
-from callscribe.calls import AtCapacity, CallRegistry, Leg, LegConflict
+from callscribe.bridge.limits import AtCapacity, LegConflict
+from callscribe.calls import CallRegistry, Leg
 from callscribe.codecs import CodecError, Decoder, decoder_for, spec_by_name
 from callscribe.events import EventType, TranscriptEvent
 from callscribe.metrics import Metrics
@@ -33,12 +32,6 @@ from callscribe.security import AccessPolicy
 
 log = logging.getLogger(__name__)
 
-# Websocket close codes (RFC 6455 §7.4.1).
-CLOSE_NORMAL = 1000
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_UNSUPPORTED = 1003
-CLOSE_POLICY = 1008
-CLOSE_TRY_LATER = 1013
 REPLY_DRAIN_SEC = 5.0
 
 
@@ -54,7 +47,7 @@ class ForkConnection(Protocol):
 class StreamEnded(Exception):
     """Ends the receive loop: the close code and reason to send (if the socket is still open)."""
 
-    def __init__(self, code: int, reason: str, leg_reason: str) -> None:
+    def __init__(self, code: CloseCode, reason: str, leg_reason: EndReason) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
@@ -104,7 +97,7 @@ class ForkSession:
         self.replies: asyncio.Queue[str] | None = None
 
     async def run(self, connection: ForkConnection) -> None:
-        ended = StreamEnded(CLOSE_NORMAL, "", "disconnect")
+        ended = StreamEnded(CloseCode.NORMAL, "", EndReason.DISCONNECT)
         sender: asyncio.Task[None] | None = None
         try:
             while True:
@@ -118,9 +111,9 @@ class ForkSession:
         except StreamEnded as exc:
             ended = exc
         except ForkProtocolError as exc:
-            self.metrics.drop(self.transport, "protocol-error")
+            self.metrics.drop(self.transport, DropReason.PROTOCOL_ERROR)
             log.warning("fork %s from %s: %s", self.parser.dialect, self.peer, exc)
-            ended = StreamEnded(CLOSE_UNSUPPORTED, str(exc), "protocol-error")
+            ended = StreamEnded(CloseCode.UNSUPPORTED, str(exc), EndReason.PROTOCOL_ERROR)
         finally:
             with contextlib.suppress(StreamEnded, ForkProtocolError):
                 self._apply(self.parser.finish())
@@ -140,7 +133,7 @@ class ForkSession:
     def _parse(self, message: str | bytes) -> list[ForkEvent]:
         size = len(message)  # characters for text: a lower bound of its bytes, and free
         if size > self.max_frame_bytes:
-            return [FrameDropped("oversized", f"message of {size} bytes, over {self.max_frame_bytes}")]
+            return [Dropped(DropReason.OVERSIZED, f"message of {size} bytes, over {self.max_frame_bytes}")]
         self.metrics.packets_received.labels(transport=self.transport).inc()
         if isinstance(message, str):
             return self.parser.receive_text(message)
@@ -148,9 +141,9 @@ class ForkSession:
 
     def _apply(self, events: list[ForkEvent]) -> None:
         for event in events:
-            if isinstance(event, MediaReceived):
+            if isinstance(event, AudioReceived):
                 self._media(event)
-            elif isinstance(event, FrameDropped):
+            elif isinstance(event, Dropped):
                 self.metrics.drop(self.transport, event.reason)
                 log.debug("fork %s from %s dropped a frame: %s", self.parser.dialect, self.peer, event.detail)
             elif isinstance(event, StreamStarted):
@@ -165,16 +158,16 @@ class ForkSession:
                     if not leg.closed:
                         leg.error(event.message, "sender")
             elif isinstance(event, StreamStopped):
-                raise StreamEnded(CLOSE_NORMAL, "", "hangup")
+                raise StreamEnded(CloseCode.NORMAL, "", EndReason.HANGUP)
 
     def _start(self, event: StreamStarted) -> None:
         if self.start_policy is not None and not self.start_policy.fork_token_matches(event.token):
-            self.metrics.drop(self.transport, "auth")
+            self.metrics.drop(self.transport, DropReason.AUTH)
             why = "missing" if event.token is None else "invalid"
             log.warning(
                 "fork %s from %s refused: %s token in the start message", self.parser.dialect, self.peer, why
             )
-            raise StreamEnded(CLOSE_POLICY, f"{why} token", "refused")
+            raise StreamEnded(CloseCode.POLICY, f"{why} token", EndReason.REFUSED)
         self.started = event
         if event.reply_transcripts:
             self.replies = asyncio.Queue()
@@ -195,17 +188,17 @@ class ForkSession:
         try:
             leg = self.registry.open_leg(self.started.call_id, name, meta)
         except LegConflict as exc:
-            self.metrics.drop(self.transport, "leg-conflict")
-            raise StreamEnded(CLOSE_POLICY, str(exc), "refused") from None
+            self.metrics.drop(self.transport, DropReason.LEG_CONFLICT)
+            raise StreamEnded(CloseCode.POLICY, str(exc), EndReason.REFUSED) from None
         except AtCapacity as exc:
-            self.metrics.drop(self.transport, "capacity")
-            raise StreamEnded(CLOSE_TRY_LATER, str(exc), "refused") from None
+            self.metrics.drop(self.transport, DropReason.AT_CAPACITY)
+            raise StreamEnded(CloseCode.TRY_LATER, str(exc), EndReason.REFUSED) from None
         if self.replies is not None:
             leg.add_listener(self._reply)
         self.legs[name] = leg
         return leg
 
-    def _media(self, event: MediaReceived) -> None:
+    def _media(self, event: AudioReceived) -> None:
         leg = self._leg(event.leg)
         decoder = self.decoders.get(event.leg)
         if decoder is None or decoder.spec.name != event.codec:
@@ -217,7 +210,7 @@ class ForkSession:
         try:
             pcm = decoder.decode(event.payload)
         except CodecError as exc:
-            self.metrics.drop(self.transport, "bad-payload")
+            self.metrics.drop(self.transport, DropReason.BAD_PAYLOAD)
             log.debug(
                 "fork %s from %s: undecodable %s payload: %s",
                 self.parser.dialect,

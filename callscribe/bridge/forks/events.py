@@ -1,7 +1,8 @@
 """What a media-fork parser reports: one small dataclass per thing that happened on the wire.
 
 Every dialect (Asterisk chan_websocket, FreeSWITCH mod_audio_fork/mod_audio_stream, Twilio,
-Telnyx, Plivo, Exotel) turns its frames into these events, so one endpoint drives them all.
+Telnyx, Plivo, Exotel) turns its frames into these events and the shared `AudioReceived`,
+`DtmfReceived` and `Dropped` (callscribe.bridge.events), so one endpoint drives them all.
 Media stays encoded: `codec` is a callscribe codec name (pcmu, l16-16k, s16le-8k...) and the
 endpoint decodes it with `callscribe.codecs`.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from callscribe.bridge.events import AudioReceived, Dropped, DtmfReceived
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,20 +29,6 @@ class StreamStarted:
 
 
 @dataclass(frozen=True, slots=True)
-class MediaReceived:
-    leg: str
-    payload: bytes
-    codec: str
-
-
-@dataclass(frozen=True, slots=True)
-class DtmfReceived:
-    leg: str
-    digit: str
-    duration_ms: int = 0
-
-
-@dataclass(frozen=True, slots=True)
 class StreamStopped:
     """The sender ended the stream on purpose (stop event, graceful-shutdown frame)."""
 
@@ -53,15 +42,7 @@ class RemoteError:
     message: str
 
 
-@dataclass(frozen=True, slots=True)
-class FrameDropped:
-    """A frame that could not be used; the endpoint counts it by `reason` and goes on."""
-
-    reason: str
-    detail: str
-
-
-ForkEvent = StreamStarted | MediaReceived | DtmfReceived | StreamStopped | RemoteError | FrameDropped
+ForkEvent = StreamStarted | AudioReceived | DtmfReceived | StreamStopped | RemoteError | Dropped
 
 
 class ForkProtocolError(ValueError):

@@ -22,13 +22,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from callscribe.bridge.events import AudioReceived, Dropped, DropReason, DtmfReceived
 from callscribe.bridge.forks.base import AGENT, CALLER, ForkParser, linear_codec, parse_rate
 from callscribe.bridge.forks.events import (
-    DtmfReceived,
     ForkEvent,
     ForkProtocolError,
-    FrameDropped,
-    MediaReceived,
     StreamStarted,
     StreamStopped,
 )
@@ -78,7 +76,7 @@ class FreeswitchParser(ForkParser):
         if self.stopped:
             return [
                 *events,
-                FrameDropped("after-stop", f"{len(data)} bytes after the graceful-shutdown frame"),
+                Dropped(DropReason.AFTER_STOP, f"{len(data)} bytes after the graceful-shutdown frame"),
             ]
         if not data:
             self.stopped = True
@@ -91,12 +89,12 @@ class FreeswitchParser(ForkParser):
         if usable == 0:
             return events
         if self.channels == 1:
-            return [*events, MediaReceived(self.legs[0], data[:usable], self.codec)]
+            return [*events, AudioReceived(self.legs[0], data[:usable], self.codec)]
         samples = np.frombuffer(data[:usable], dtype="<i2").reshape(-1, 2)
         return [
             *events,
             *(
-                MediaReceived(leg, np.ascontiguousarray(samples[:, channel]).tobytes(), self.codec)
+                AudioReceived(leg, np.ascontiguousarray(samples[:, channel]).tobytes(), self.codec)
                 for channel, leg in enumerate(self.legs)
             ),
         ]
@@ -148,7 +146,7 @@ class FreeswitchParser(ForkParser):
             return []
         digit = message.get("digit")
         if not isinstance(digit, str) or len(digit) != 1:
-            return [FrameDropped("bad-shape", f"dtmf digit must be one character, got {digit!r}")]
+            return [Dropped(DropReason.BAD_SHAPE, f"dtmf digit must be one character, got {digit!r}")]
         duration = message.get("duration", 0)
         duration_ms = duration if isinstance(duration, int) and not isinstance(duration, bool) else 0
         return [DtmfReceived(self.legs[0], digit.upper(), max(0, duration_ms))]

@@ -16,13 +16,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
+from callscribe.bridge.events import AudioReceived, Dropped, DropReason, DtmfReceived
 from callscribe.bridge.forks.base import AGENT, CALLER, ForkParser
 from callscribe.bridge.forks.events import (
-    DtmfReceived,
     ForkEvent,
     ForkProtocolError,
-    FrameDropped,
-    MediaReceived,
     RemoteError,
     StreamStarted,
     StreamStopped,
@@ -213,19 +211,21 @@ class MediaStreamParser(ForkParser):
 
     # -- the interface -------------------------------------------------------------------
     def receive_bytes(self, data: bytes) -> list[ForkEvent]:
-        return [FrameDropped("unexpected-binary", f"{self.dialect} sends JSON text, got {len(data)} bytes")]
+        return [
+            Dropped(DropReason.UNEXPECTED_BINARY, f"{self.dialect} sends JSON text, got {len(data)} bytes")
+        ]
 
     def receive_text(self, text: str) -> list[ForkEvent]:
         try:
             message = json.loads(text)
         except json.JSONDecodeError as exc:
-            return [FrameDropped("bad-json", f"{exc.msg} at position {exc.pos} in {text[:80]!r}")]
+            return [Dropped(DropReason.BAD_JSON, f"{exc.msg} at position {exc.pos} in {text[:80]!r}")]
         if not isinstance(message, dict):
-            return [FrameDropped("bad-shape", f"message must be a JSON object, got {text[:80]!r}")]
+            return [Dropped(DropReason.BAD_SHAPE, f"message must be a JSON object, got {text[:80]!r}")]
         try:
             return self._dispatch(message)
         except BadShape as exc:
-            return [FrameDropped("bad-shape", str(exc))]
+            return [Dropped(DropReason.BAD_SHAPE, str(exc))]
 
     def finish(self) -> list[ForkEvent]:
         return self._reorder.flush() if self._reorder is not None else []
@@ -238,9 +238,9 @@ class MediaStreamParser(ForkParser):
         if event == "start":
             return self._start(message)
         if self.started is None:
-            return [FrameDropped("before-start", f"{event!r} message before the start message")]
+            return [Dropped(DropReason.BEFORE_START, f"{event!r} message before the start message")]
         if self.stopped:
-            return [FrameDropped("after-stop", f"{event!r} message after the stop message")]
+            return [Dropped(DropReason.AFTER_STOP, f"{event!r} message after the stop message")]
         if event == "media":
             events = self._media(message)
         elif event == "dtmf":
@@ -253,7 +253,7 @@ class MediaStreamParser(ForkParser):
         elif event == "error":
             events = [self.read_error(message)]
         else:
-            return [FrameDropped("unknown-event", f"unknown event {event[:40]!r}")]
+            return [Dropped(DropReason.UNKNOWN_EVENT, f"unknown event {event[:40]!r}")]
         return self._in_order(message, events)
 
     def _in_order(self, message: Mapping[str, Any], events: list[ForkEvent]) -> list[ForkEvent]:
@@ -262,12 +262,14 @@ class MediaStreamParser(ForkParser):
         seq = number(message, self.sequence_key, "message")
         ordered = self._reorder.push(seq, events)
         if ordered is None:
-            return [FrameDropped("late", f"{self.sequence_key}={seq} arrived after later frames were used")]
+            return [
+                Dropped(DropReason.LATE, f"{self.sequence_key}={seq} arrived after later frames were used")
+            ]
         return ordered
 
     def _start(self, message: Mapping[str, Any]) -> list[ForkEvent]:
         if self.started is not None:
-            return [FrameDropped("duplicate-start", "a second start message on one stream")]
+            return [Dropped(DropReason.DUPLICATE_START, "a second start message on one stream")]
         started, codecs = self.read_start(message)
         self.started, self.codecs = started, codecs
         if self._reorder is not None and self.sequence_key is not None and self.sequence_key in message:
@@ -282,10 +284,10 @@ class MediaStreamParser(ForkParser):
         try:
             payload = base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError) as exc:
-            return [FrameDropped("bad-base64", f"media.payload is not base64 ({exc}): {encoded[:40]!r}")]
+            return [Dropped(DropReason.BAD_BASE64, f"media.payload is not base64 ({exc}): {encoded[:40]!r}")]
         if not payload:
-            return [FrameDropped("empty", "media.payload is empty")]
-        return [MediaReceived(leg, payload, codec)]
+            return [Dropped(DropReason.EMPTY, "media.payload is empty")]
+        return [AudioReceived(leg, payload, codec)]
 
 
 def track_legs(tracks: Any, where: str) -> list[str]:

@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from callscribe.bridge.rtp import RtpPacket
-from callscribe.bridge.rtp_sender import packetize
+from callscribe.bridge.rtp.packet import RtpPacket
+from callscribe.bridge.rtp.sender import packetize
 from callscribe.codecs import spec_by_name
 from callscribe.engine.base import SAMPLE_RATE, Audio, EngineError, Final, Recognition
 from callscribe.engine.qwen3.local import RESTART_MESSAGE, LocalQwen3Engine

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from callscribe.codecs import spec_for_encoding
+from callscribe.codecs import spec_by_name, spec_for_encoding, spec_for_static_pt
+from callscribe.codecs.base import CodecSpec
 
 MAX_SDP_BYTES = 64 * 1024
 MAX_MEDIA = 16
 
-# RFC 3551 static payload types an offer may use without a=rtpmap.
-STATIC_PAYLOAD_TYPES = {0: ("PCMU", 8000, 1), 8: ("PCMA", 8000, 1), 9: ("G722", 8000, 1)}
 TELEPHONE_EVENT = "telephone-event"
 
 
@@ -76,9 +75,10 @@ class MediaDescription:
         """Payload type → encoding: a=rtpmap lines plus RFC 3551 defaults for static types."""
         maps: dict[int, RtpMap] = {}
         for fmt in self.formats:
-            if fmt.isdigit() and int(fmt) in STATIC_PAYLOAD_TYPES:
-                encoding, clock, channels = STATIC_PAYLOAD_TYPES[int(fmt)]
-                maps[int(fmt)] = RtpMap(int(fmt), encoding, clock, channels)
+            # RFC 3551 static payload types need no a=rtpmap; the codec registry knows them.
+            static = spec_for_static_pt(int(fmt)) if fmt.isdigit() else None
+            if static is not None:
+                maps[int(fmt)] = RtpMap(int(fmt), static.encoding, static.clock_rate, static.channels)
         for value in self.attribute_values("rtpmap"):
             pt_text, _, spec = value.partition(" ")
             parts = spec.strip().split("/")
@@ -322,16 +322,19 @@ def build_answer(
 def build_offer(port: int, address: str, session_id: str, dtmf_payload_type: int) -> SessionDescription:
     """Our offer for an INVITE without SDP (RFC 3261 §13.2.1: offer in the 2xx, answer in ACK)."""
     opus_pt = 111 if dtmf_payload_type != 111 else 112
-    attributes: list[tuple[str, str | None]] = [
-        ("rtpmap", f"{opus_pt} opus/48000/2"),
-        ("rtpmap", "9 G722/8000"),
-        ("rtpmap", "0 PCMU/8000"),
-        ("rtpmap", "8 PCMA/8000"),
+    # In order of preference: wideband first.
+    offered: list[tuple[int, CodecSpec]] = [(opus_pt, spec_by_name("opus"))]
+    for name in ("g722", "pcmu", "pcma"):
+        spec = spec_by_name(name)
+        assert spec.static_pt is not None
+        offered.append((spec.static_pt, spec))
+    attributes: list[tuple[str, str | None]] = [("rtpmap", f"{pt} {_rtpmap(spec)}") for pt, spec in offered]
+    attributes += [
         ("rtpmap", f"{dtmf_payload_type} telephone-event/8000"),
         ("fmtp", f"{dtmf_payload_type} 0-16"),
         ("recvonly", None),
     ]
-    formats = [str(opus_pt), "9", "0", "8", str(dtmf_payload_type)]
+    formats = [str(pt) for pt, _spec in offered] + [str(dtmf_payload_type)]
     return SessionDescription(
         origin_user="callscribe",
         session_id=session_id,
@@ -341,6 +344,12 @@ def build_offer(port: int, address: str, session_id: str, dtmf_payload_type: int
         connection=address,
         media=[MediaDescription("audio", port, "RTP/AVP", formats, attributes=attributes)],
     )
+
+
+def _rtpmap(spec: CodecSpec) -> str:
+    """'PCMU/8000', 'opus/48000/2' (RFC 7587 §7: opus always names two channels)."""
+    channels = 2 if spec.encoding.lower() == "opus" else spec.channels
+    return f"{spec.encoding}/{spec.clock_rate}" + (f"/{channels}" if channels > 1 else "")
 
 
 def offered_payload_types(offer: SessionDescription) -> dict[int, str]:

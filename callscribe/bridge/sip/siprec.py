@@ -18,7 +18,7 @@ from xml.etree.ElementTree import Element
 import defusedxml.ElementTree as safe_xml
 from defusedxml import DefusedXmlException
 
-from callscribe.bridge.sdp import SessionDescription
+from callscribe.bridge.sip.sdp import SessionDescription
 
 MAX_PARTS = 8
 MAX_METADATA_BYTES = 128 * 1024

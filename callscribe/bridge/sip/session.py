@@ -16,9 +16,21 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from callscribe.bridge.sdp import (
+from callscribe.bridge.events import CALLER, DropReason
+from callscribe.bridge.limits import AtCapacity, LegConflict
+from callscribe.bridge.rtp.ports import ReservedLeg, RtpPorts
+from callscribe.bridge.sip.auth import AuthVerdict, DigestAuthenticator
+from callscribe.bridge.sip.events import (
+    AckReceived,
+    DialogEnded,
+    DialogEndReason,
+    InviteCancelled,
+    InviteReceived,
+)
+from callscribe.bridge.sip.message import SipRequest
+from callscribe.bridge.sip.sdp import (
     MediaAnswer,
     SdpError,
     SessionDescription,
@@ -28,60 +40,28 @@ from callscribe.bridge.sdp import (
     parse_sdp,
     select_media,
 )
-from callscribe.bridge.sip import (
-    AckReceived,
-    DialogEnded,
-    InviteCancelled,
-    InviteReceived,
-    SipRequest,
-    UasCore,
-)
-from callscribe.bridge.sip_auth import DigestAuthenticator
-from callscribe.bridge.siprec import (
+from callscribe.bridge.sip.siprec import (
     RecordedStream,
     RecordingMetadata,
     SiprecError,
     parse_siprec_body,
     recorded_streams,
 )
-from callscribe.calls import AtCapacity, LegConflict
+from callscribe.bridge.sip.uas import UasCore
 from callscribe.metrics import Metrics
 from callscribe.security import AccessPolicy
 from callscribe.settings import Settings
 
 log = logging.getLogger(__name__)
 
+TRANSPORT = "sip"
 ACCEPTED_BODIES = "application/sdp, multipart/mixed, application/rs-metadata+xml"
-PLAIN_CALL_LEG = "caller"
+PLAIN_CALL_LEG = CALLER
 # A PBX forking each side of a call as its own SIP call (Asterisk ChanSpy, FreeSWITCH
 # eavesdrop) names the side and joins them into one callscribe call with these headers.
 LEG_HEADER = "X-Callscribe-Leg"
 CALL_ID_HEADER = "X-Callscribe-Call-ID"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}$")
-
-
-class ReservedLeg(Protocol):
-    @property
-    def leg_id(self) -> str: ...
-    @property
-    def rtp_host(self) -> str: ...
-    @property
-    def rtp_port(self) -> int: ...
-
-
-class RtpPorts(Protocol):
-    """The part of the RTP ingest SIP needs: a leg with its own port, and its release."""
-
-    async def reserve(
-        self,
-        call_id: str,
-        leg: str,
-        codec: str,
-        meta: dict[str, Any] | None = None,
-        payload_types: dict[int, str] | None = None,
-    ) -> ReservedLeg: ...
-
-    async def release(self, leg_id: str) -> object: ...
 
 
 class Rejected(Exception):
@@ -162,7 +142,7 @@ class SipCallHandler:
         if not self.core.pending(txn_id):
             return None  # cancelled or timed out meanwhile
         dialog_id = self.core.respond(
-            txn_id, status, reason, headers or [], body, content_type, self._clock()
+            txn_id, status, reason, headers or [], body, content_type, now=self._clock()
         )
         self._flush()
         return dialog_id
@@ -191,9 +171,10 @@ class SipCallHandler:
             raise Rejected(403, f"Forbidden ({host} is not in {which})")
         if self._auth is not None:
             verdict = self._auth.check(event.request, self._clock_wall())
-            if verdict != "ok":
+            if verdict is not AuthVerdict.OK:
                 raise Rejected(
-                    401, headers=[self._auth.challenge(self._clock_wall(), stale=verdict == "stale")]
+                    401,
+                    headers=[self._auth.challenge(self._clock_wall(), stale=verdict is AuthVerdict.STALE)],
                 )
         if self.active_calls >= self.settings.max_calls:
             self.metrics.legs_refused.labels(reason="sip_capacity").inc()
@@ -294,7 +275,7 @@ class SipCallHandler:
                 ]
                 return parse_sdp(request.body), None
         except (SdpError, SiprecError) as exc:
-            self.metrics.drop("sip", "bad_body")
+            self.metrics.drop(TRANSPORT, DropReason.BAD_BODY)
             raise Rejected(400, f"Bad Request ({exc})"[:160]) from None
         raise Rejected(415, headers=[("Accept", ACCEPTED_BODIES)])
 
@@ -454,11 +435,11 @@ class SipCallHandler:
         try:
             answer = parse_sdp(event.request.body)
         except SdpError:
-            self.metrics.drop("sip", "bad_ack_sdp")
+            self.metrics.drop(TRANSPORT, DropReason.BAD_ACK_SDP)
             return
         selected = select_media(answer)
         if not selected or selected[0].codec is None:
-            await self.on_ended(DialogEnded(event.dialog_id, "no_codec"))
+            await self.on_ended(DialogEnded(event.dialog_id, DialogEndReason.NO_CODEC))
             self.core.end_dialog(event.dialog_id)
             self._flush()
             return
@@ -493,7 +474,7 @@ class SipCallHandler:
         """Hang up every session (BYE) and release its legs: the service is stopping."""
         for dialog_id in list(self.sessions):
             self.core.end_dialog(dialog_id)
-            await self.on_ended(DialogEnded(dialog_id, "shutdown"))
+            await self.on_ended(DialogEnded(dialog_id, DialogEndReason.SHUTDOWN))
         self._flush()
 
 

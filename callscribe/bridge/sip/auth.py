@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from enum import Enum
 
-from callscribe.bridge.sip import SipRequest, parse_params, split_values
+from callscribe.bridge.sip.message import SipRequest, parse_params, split_values
 
 NONCE_TTL_SEC = 300.0
 
@@ -28,6 +29,18 @@ def parse_authorization(value: str) -> dict[str, str]:
     for item in split_values(rest):
         params.update(parse_params(item))
     return params
+
+
+class AuthVerdict(Enum):
+    OK = "ok"
+    STALE = "stale"  # right password, old nonce: challenge again with stale=true (RFC 2617 §3.2.1)
+    DENIED = "denied"
+
+
+class _NonceState(Enum):
+    FRESH = "fresh"
+    STALE = "stale"
+    INVALID = "invalid"
 
 
 class DigestAuthenticator:
@@ -48,22 +61,21 @@ class DigestAuthenticator:
             value += ", stale=true"
         return ("WWW-Authenticate", value)
 
-    def _nonce_state(self, nonce: str, now: float) -> str:
+    def _nonce_state(self, nonce: str, now: float) -> _NonceState:
         issued, _, mac = nonce.partition(":")
         expected = hmac.new(self._secret, issued.encode(), hashlib.sha256).hexdigest()[:32]
         if not issued.isdigit() or not hmac.compare_digest(mac, expected):
-            return "invalid"
-        return "stale" if now - int(issued) > NONCE_TTL_SEC else "fresh"
+            return _NonceState.INVALID
+        return _NonceState.STALE if now - int(issued) > NONCE_TTL_SEC else _NonceState.FRESH
 
-    def check(self, request: SipRequest, now: float) -> str:
-        """'ok', 'stale' (right password, old nonce: challenge again with stale=true) or 'denied'."""
+    def check(self, request: SipRequest, now: float) -> AuthVerdict:
         for value in request.headers.get_all("authorization"):
             params = parse_authorization(value)
             if params.get("username") != self.username or params.get("realm") != self.realm:
                 continue
             nonce = params.get("nonce", "")
             state = self._nonce_state(nonce, now)
-            if state == "invalid":
+            if state is _NonceState.INVALID:
                 continue
             ha2 = _md5(f"{request.method}:{params.get('uri', '')}")
             if params.get("qop") == "auth":
@@ -73,5 +85,5 @@ class DigestAuthenticator:
             else:
                 expected = _md5(f"{self._ha1}:{nonce}:{ha2}")
             if hmac.compare_digest(expected, params.get("response", "")):
-                return "ok" if state == "fresh" else "stale"
-        return "denied"
+                return AuthVerdict.OK if state is _NonceState.FRESH else AuthVerdict.STALE
+        return AuthVerdict.DENIED

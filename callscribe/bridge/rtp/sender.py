@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import soxr
 
-from callscribe.bridge.rtp import RtpPacket
+from callscribe.bridge.rtp.packet import RtpPacket
 from callscribe.codecs import encoder_for, spec_by_name
 from callscribe.codecs.base import CodecError, CodecSpec, Pcm16
 

@@ -2,29 +2,29 @@
 
 The sockets only move bytes: every datagram or framed TCP message goes to `UasCore.receive()`
 with the loop's clock, whatever the core wants sent goes out on the transport it came in on
-(responses are symmetric, like RFC 3581 rport), and one task drives the core's timers.
+(responses are symmetric, like RFC 3581 rport). One `loop.call_at` timer is armed for the
+core's `next_deadline()` and re-armed after every input and every expiry (as aioquic's
+protocol does with `get_timer()`), so an idle server never wakes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
-from callscribe.bridge.sip import (
+from callscribe.bridge.events import Dropped, DropReason
+from callscribe.bridge.rtp.ports import RtpPorts
+from callscribe.bridge.sip.events import (
     AckReceived,
     DialogEnded,
     InviteCancelled,
     InviteReceived,
-    MessageDropped,
-    Peer,
     SipEvent,
-    SipParseError,
-    StreamFramer,
-    UasCore,
 )
-from callscribe.bridge.sip_calls import ACCEPTED_BODIES, RtpPorts, SipCallHandler
+from callscribe.bridge.sip.message import Peer, SipParseError, StreamFramer
+from callscribe.bridge.sip.session import ACCEPTED_BODIES, TRANSPORT, SipCallHandler
+from callscribe.bridge.sip.uas import UasCore
 from callscribe.calls import CallRegistry
 from callscribe.metrics import Metrics
 from callscribe.security import AccessPolicy
@@ -32,10 +32,8 @@ from callscribe.settings import Settings
 
 log = logging.getLogger(__name__)
 
-TRANSPORT = "sip"
 MAX_DATAGRAM = 65_535
 MAX_TCP_CONNECTIONS = 512
-TIMER_TICK_SEC = 0.1
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
@@ -69,7 +67,8 @@ class SipServer:
         self._tcp: asyncio.Server | None = None
         self._writers: dict[Peer, asyncio.StreamWriter] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._timer_task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
         self.port = settings.sip_port
         self.core: UasCore | None = None
         self.handler: SipCallHandler | None = None
@@ -99,7 +98,6 @@ class SipServer:
             loop.time,
             leg_open=(lambda leg_id: registry.get(leg_id) is not None) if registry else lambda leg_id: True,
         )
-        self._timer_task = asyncio.create_task(self._run_timers())
         log.info("SIP listening on %s:%d (udp, tcp)", self.settings.sip_host, self.port)
 
     async def stop(self) -> None:
@@ -108,10 +106,9 @@ class SipServer:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._timer_task is not None:
-            self._timer_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._timer_task
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._tcp is not None:
             self._tcp.close()
             for writer in list(self._writers.values()):
@@ -127,7 +124,7 @@ class SipServer:
             return
         self.metrics.packets_received.labels(transport=TRANSPORT).inc()
         if len(data) > MAX_DATAGRAM:
-            self.metrics.drop(TRANSPORT, "too_large")
+            self.metrics.drop(TRANSPORT, DropReason.OVERSIZED)
             return
         loop = asyncio.get_running_loop()
         events = self.core.receive(data, peer, loop.time())
@@ -137,7 +134,7 @@ class SipServer:
     def _dispatch(self, events: list[SipEvent]) -> None:
         assert self.handler is not None
         for event in events:
-            if isinstance(event, MessageDropped):
+            if isinstance(event, Dropped):
                 self.metrics.drop(TRANSPORT, event.reason)
                 log.debug("SIP message dropped: %s", event.detail)
             elif isinstance(event, InviteReceived):
@@ -158,7 +155,7 @@ class SipServer:
         address = writer.get_extra_info("peername")
         peer = Peer("tcp", str(address[0]), int(address[1]))
         if len(self._writers) >= MAX_TCP_CONNECTIONS:
-            self.metrics.drop(TRANSPORT, "too_many_connections")
+            self.metrics.drop(TRANSPORT, DropReason.CONNECTION_LIMIT)
             writer.close()
             return
         self._writers[peer] = writer
@@ -192,19 +189,32 @@ class SipServer:
             else:
                 writer = self._writers.get(peer)
                 if writer is None or writer.is_closing():
-                    self.metrics.drop(TRANSPORT, "tcp_peer_gone")
+                    self.metrics.drop(TRANSPORT, DropReason.TCP_PEER_GONE)
                 else:
                     writer.write(data)
+        self._arm_timer()
 
-    async def _run_timers(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            assert self.core is not None
-            deadline = self.core.next_deadline()
-            delay = (
-                TIMER_TICK_SEC if deadline is None else max(0.0, min(deadline - loop.time(), TIMER_TICK_SEC))
-            )
-            await asyncio.sleep(delay)
-            events = self.core.handle_timers(loop.time())
-            self.flush()
-            self._dispatch(events)
+    def _arm_timer(self) -> None:
+        """One timer for the core's earliest deadline; moved only when that deadline moves."""
+        if self.core is None:
+            return
+        deadline = self.core.next_deadline()
+        if deadline == self._timer_at and (deadline is None or self._timer is not None):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = deadline
+        if deadline is not None:
+            self._timer = asyncio.get_running_loop().call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        # The loop runs a handle up to one clock resolution early: never hand the core a time
+        # before the deadline it asked for, or it would find nothing due and be re-armed at once.
+        now = max(asyncio.get_running_loop().time(), self._timer_at or 0.0)
+        self._timer = None
+        self._timer_at = None
+        assert self.core is not None
+        events = self.core.handle_timers(now)
+        self.flush()
+        self._dispatch(events)

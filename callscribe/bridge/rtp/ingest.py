@@ -1,8 +1,10 @@
 """RTP over UDP: reserved leg ports (POST /v1/legs, SIP, SIPREC) and the auto-leg port.
 
-A thin asyncio shell around `RtpLegReceiver`: datagrams are checked (allow_networks, size,
-per-source rate, latched source), decoded inline (microseconds per packet) and fed to their
-leg. A ticker every 20 ms releases jitter-buffer gaps that waited long enough and ends idle legs.
+A thin asyncio shell around `RtpLegReceiver` and the rules of `rtp.admission`: datagrams are
+checked (allow_networks, size, per-source rate, latched source), decoded inline and fed to
+their leg. Each RTP socket has its RTCP socket at port + 1 (RFC 3550 §11), where only a BYE
+matters: it ends the leg, as a BYE muxed on the RTP port does (RFC 5761). A ticker every
+20 ms releases jitter-buffer gaps that waited long enough and ends idle legs.
 """
 
 from __future__ import annotations
@@ -10,12 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
 from typing import Any
 
-from callscribe.bridge.rtp import Audio, Drop, LegEvent, RtpError, RtpLegReceiver, RtpPacket, is_rtcp
-from callscribe.calls import AtCapacity, CallRegistry, Leg, LegConflict
-from callscribe.codecs import spec_by_name, spec_for_static_pt
+import numpy as np
+
+from callscribe.bridge.events import CALLER, AudioReceived, Dropped, DropReason, DtmfReceived, EndReason
+from callscribe.bridge.limits import AtCapacity, LegConflict, SourceLimit
+from callscribe.bridge.rtp.admission import Address, Probation, SourceRates
+from callscribe.bridge.rtp.packet import RtpError, RtpPacket, is_rtcp, rtcp_bye_ssrcs
+from callscribe.bridge.rtp.ports import ReservedLeg
+from callscribe.bridge.rtp.receiver import LegEvent, RtpLegReceiver
+from callscribe.calls import CallRegistry, Leg
+from callscribe.codecs import spec_by_name
 from callscribe.metrics import Metrics
 from callscribe.security import AccessPolicy
 from callscribe.settings import Settings
@@ -25,40 +33,10 @@ log = logging.getLogger(__name__)
 TRANSPORT = "rtp"
 TICK_SEC = 0.02
 # Decoded audio reaches the leg in pieces of 60 ms (three 20 ms packets): each piece costs
-# one resampler call (~10-20 µs whatever its length), so batching lifts a core from ~700 to
-# well over 1,000 G.711 legs (bench/ingest.py). 60 ms more before the engine sees audio is
-# small beside the 500-700 ms of silence that ends an utterance.
+# one resampler call whatever its length, so batching raises the legs a core carries
+# (bench/ingest.py measures it). 60 ms more before the engine sees audio is small beside
+# the 500-700 ms of silence that ends an utterance.
 BATCH_MS = 60
-MAX_CANDIDATES = 1024  # new sources on probation at the auto-leg port
-PROBATION_SEC = 2.0
-Address = tuple[Any, ...]  # (host, port) for IPv4, (host, port, flow, scope) for IPv6
-
-
-@dataclass(frozen=True, slots=True)
-class ReservedLeg:
-    leg_id: str
-    rtp_host: str
-    rtp_port: int
-
-
-class TokenBucket:
-    """`rate` packets per second with a burst of one second's worth."""
-
-    __slots__ = ("last", "rate", "tokens")
-
-    def __init__(self, rate: float, now: float) -> None:
-        self.rate = rate
-        self.tokens = rate
-        self.last = now
-
-    def take(self, now: float) -> bool:
-        tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        if tokens < 1.0:
-            self.tokens = tokens
-            return False
-        self.tokens = tokens - 1.0
-        return True
 
 
 class _LegMedia:
@@ -70,18 +48,22 @@ class _LegMedia:
         self.source = source
         self.last_packet = now
         self.transport: asyncio.DatagramTransport | None = None
+        self.rtcp: asyncio.DatagramTransport | None = None
         self.port = 0
         self.auto_key: tuple[Address, int] | None = None
 
 
 class _Endpoint(asyncio.DatagramProtocol):
-    def __init__(self, ingest: RtpIngest, auto: bool) -> None:
+    def __init__(self, ingest: RtpIngest, auto: bool, rtcp: bool = False) -> None:
         self._ingest = ingest
         self.auto = auto
+        self.rtcp = rtcp
         self.media: _LegMedia | None = None  # a reserved leg's, set once its leg is open
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
-        if self.media is not None:
+        if self.rtcp:
+            self._ingest.on_rtcp_datagram(self.media, data, addr)
+        elif self.media is not None:
             self._ingest.on_leg_datagram(self.media, data, addr)
         elif self.auto:
             self._ingest.on_auto_datagram(data, addr)
@@ -110,19 +92,27 @@ class RtpIngest:
         self._metrics = metrics
         # A PBX sends every call from the same address; a sender inventing SSRCs must not
         # be able to open legs until the registry is full for everyone else.
-        self.max_auto_legs_per_source = max_auto_legs_per_source
-        self._bucket_limit = bucket_limit
+        self._auto_per_host = SourceLimit(max_auto_legs_per_source)
         self._received = metrics.packets_received.labels(transport=TRANSPORT)
         self._legs: dict[str, _LegMedia] = {}  # by leg_id
         self._auto: dict[tuple[Address, int], _LegMedia] = {}  # by (source, SSRC)
-        self._auto_per_host: dict[str, int] = {}
-        self._buckets: dict[Address, TokenBucket] = {}
-        self._candidates: dict[tuple[Address, int], tuple[RtpPacket, float]] = {}  # on probation
+        self._rates = SourceRates(settings.max_packets_per_sec_per_source, bucket_limit)
+        self._probation = Probation()
+        self._sample_rates: dict[str, int] = {}  # codec name of decoded audio → its rate
         self._ports_in_use: set[int] = set()
         self._port_cursor = 0
         self._auto_transport: asyncio.DatagramTransport | None = None
+        self._auto_rtcp: asyncio.DatagramTransport | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
+
+    @property
+    def max_auto_legs_per_source(self) -> int:
+        return self._auto_per_host.per_source
+
+    @max_auto_legs_per_source.setter
+    def max_auto_legs_per_source(self, value: int) -> None:
+        self._auto_per_host.per_source = value
 
     # -- Component --------------------------------------------------------------------
 
@@ -132,6 +122,7 @@ class RtpIngest:
             lambda: _Endpoint(self, auto=True), local_addr=(self._settings.rtp_host, self._settings.rtp_port)
         )
         self._auto_transport = transport
+        self._auto_rtcp = await self._bind_rtcp(self.port, None)
         self._ticker = asyncio.create_task(self._tick_forever(), name="rtp-ticker")
 
     async def stop(self) -> None:
@@ -140,12 +131,15 @@ class RtpIngest:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
         for media in list(self._legs.values()):
-            self._end(media, "shutdown")
+            self._end(media, EndReason.SHUTDOWN)
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         if self._auto_transport is not None:
             self._auto_transport.close()
             self._auto_transport = None
+        if self._auto_rtcp is not None:
+            self._auto_rtcp.close()
+            self._auto_rtcp = None
 
     @property
     def port(self) -> int:
@@ -181,6 +175,7 @@ class RtpIngest:
         protocol = transport.get_protocol()
         assert isinstance(protocol, _Endpoint)
         protocol.media = media
+        media.rtcp = await self._bind_rtcp(media_port, media)
         self._legs[opened.leg_id] = media
         host = self._settings.rtp_public_host or self._settings.rtp_host
         log.info("rtp leg reserved call_id=%s leg=%s codec=%s port=%d", call_id, leg, spec.name, media_port)
@@ -194,12 +189,27 @@ class RtpIngest:
             leg = self._registry.get(leg_id)
             if leg is None:
                 return False
-            await leg.close("released")
+            await leg.close(EndReason.RELEASED)
             return True
         self._emit(media, media.receiver.flush())
         self._forget(media)
-        await media.leg.close("released")
+        await media.leg.close(EndReason.RELEASED)
         return True
+
+    async def _bind_rtcp(self, rtp_port: int, media: _LegMedia | None) -> asyncio.DatagramTransport | None:
+        """The RTCP socket at rtp_port + 1, or None when that port is taken: RTCP is optional
+        (a peer may mux it, RFC 5761) and only its BYE matters here."""
+        loop = asyncio.get_running_loop()
+        try:
+            transport, protocol = await loop.create_datagram_endpoint(
+                lambda: _Endpoint(self, auto=media is None, rtcp=True),
+                local_addr=(self._settings.rtp_host, rtp_port + 1),
+            )
+        except OSError as exc:
+            log.debug("no RTCP socket at port %d: %s", rtp_port + 1, exc)
+            return None
+        protocol.media = media
+        return transport
 
     async def _bind_leg_port(self) -> tuple[asyncio.DatagramTransport, int]:
         loop = asyncio.get_running_loop()
@@ -231,20 +241,15 @@ class RtpIngest:
     def _admit(self, data: bytes, addr: Address, now: float) -> bool:
         """Source, size and per-source rate checks shared by every socket."""
         self._received.inc()
-        bucket = self._buckets.get(addr)
         # Only allowed sources get a bucket, so the allow-list is checked once per source.
-        if bucket is None and not self._policy.source_allowed(str(addr[0])):
-            self._metrics.drop(TRANSPORT, "not_allowed")
+        if not self._rates.known(addr) and not self._policy.source_allowed(str(addr[0])):
+            self._metrics.drop(TRANSPORT, DropReason.NOT_ALLOWED)
             return False
         if len(data) > self._settings.max_packet_bytes:
-            self._metrics.drop(TRANSPORT, "oversize")
+            self._metrics.drop(TRANSPORT, DropReason.OVERSIZED)
             return False
-        if bucket is None:
-            if len(self._buckets) >= self._bucket_limit:
-                self._buckets.clear()  # spoofed-source flood; buckets refill at the full rate
-            bucket = self._buckets[addr] = TokenBucket(self._settings.max_packets_per_sec_per_source, now)
-        if not bucket.take(now):
-            self._metrics.drop(TRANSPORT, "rate_limited")
+        if not self._rates.take(addr, now):
+            self._metrics.drop(TRANSPORT, DropReason.RATE_LIMITED)
             return False
         return True
 
@@ -259,7 +264,7 @@ class RtpIngest:
             media.source = addr  # latched on the first valid RTP: no one else feeds this leg
             events = media.receiver.receive_packet(packet, now)
         elif addr != media.source:
-            self._metrics.drop(TRANSPORT, "foreign_source")
+            self._metrics.drop(TRANSPORT, DropReason.FOREIGN_SOURCE)
             return
         else:
             events = media.receiver.receive(data, now)
@@ -269,7 +274,7 @@ class RtpIngest:
     def _parse(self, data: bytes) -> RtpPacket | None:
         """A packet, or None after counting why not."""
         if is_rtcp(data):
-            self._metrics.drop(TRANSPORT, "rtcp")
+            self._metrics.drop(TRANSPORT, DropReason.RTCP)
             return None
         try:
             return RtpPacket.parse(data)
@@ -277,9 +282,38 @@ class RtpIngest:
             self._metrics.drop(TRANSPORT, exc.reason)
             return None
 
+    def on_rtcp_datagram(self, media: _LegMedia | None, data: bytes, addr: Address) -> None:
+        """RTCP at port + 1 of a reserved leg (`media`) or of the auto-leg port (None)."""
+        now = asyncio.get_running_loop().time()
+        if not self._admit(data, addr, now):
+            return
+        if media is None:
+            self._auto_rtcp_received(data, addr)
+        elif media.source is not None and addr[0] == media.source[0]:
+            media.last_packet = now
+            self._emit(media, media.receiver.receive_rtcp(data))
+        else:
+            self._metrics.drop(TRANSPORT, DropReason.FOREIGN_SOURCE)
+
+    def _auto_rtcp_received(self, data: bytes, addr: Address) -> None:
+        """A BYE ends the auto-legs of its SSRCs from that host (RTCP comes from another port
+        than the RTP, so the host and SSRC identify the leg)."""
+        host = addr[0]
+        ended = False
+        for ssrc in rtcp_bye_ssrcs(data) or ():
+            for (source, leg_ssrc), media in list(self._auto.items()):
+                if leg_ssrc == ssrc and source[0] == host:
+                    self._emit(media, media.receiver.receive_rtcp(data))
+                    ended = True
+        if not ended:
+            self._metrics.drop(TRANSPORT, DropReason.RTCP)
+
     def on_auto_datagram(self, data: bytes, addr: Address) -> None:
         now = asyncio.get_running_loop().time()
         if not self._admit(data, addr, now):
+            return
+        if is_rtcp(data):
+            self._auto_rtcp_received(data, addr)  # muxed (RFC 5761)
             return
         packet = self._parse(data)
         if packet is None:
@@ -299,35 +333,23 @@ class RtpIngest:
             self._emit(media, media.receiver.receive_packet(packet, now))
 
     def _confirm_source(self, key: tuple[Address, int], packet: RtpPacket, now: float) -> RtpPacket | None:
-        """RFC 3550 A.1 probation: a new (source, SSRC) starts a leg only with two packets in
-        sequence of a payload type the bridge decodes, so stray or random datagrams that
-        happen to parse open no legs. Returns the first packet once confirmed."""
-        pt = packet.payload_type
-        if not (spec_for_static_pt(pt) or 96 <= pt <= 127):
-            self._metrics.drop(TRANSPORT, "unknown_payload_type")
-            return None
-        held = self._candidates.pop(key, None)
-        if held is not None and packet.sequence_number == (held[0].sequence_number + 1) % 65536:
-            return held[0]
-        if held is not None:
-            self._metrics.drop(TRANSPORT, "unconfirmed_source")
-        if len(self._candidates) >= MAX_CANDIDATES:
-            self._metrics.drop(TRANSPORT, "unconfirmed_source", len(self._candidates))
-            self._candidates.clear()
-        self._candidates[key] = (packet, now)
-        return None
+        first, drops = self._probation.offer(key, packet, now)
+        for reason, count in drops:
+            self._metrics.drop(TRANSPORT, reason, count)
+        return first
 
     def _open_auto_leg(self, addr: Address, ssrc: int, now: float) -> _LegMedia | None:
         host = str(addr[0])
-        if self._auto_per_host.get(host, 0) >= self.max_auto_legs_per_source:
-            self._metrics.drop(TRANSPORT, "auto_leg_limit")
+        if not self._auto_per_host.acquire(host):
+            self._metrics.drop(TRANSPORT, DropReason.AUTO_LEG_LIMIT)
             return None
         call_id = f"rtp-{host}-{addr[1]}-{ssrc:08x}"
         try:
-            leg = self._registry.open_leg(call_id, "caller", {"source": f"{host}:{addr[1]}", "ssrc": ssrc})
+            leg = self._registry.open_leg(call_id, CALLER, {"source": f"{host}:{addr[1]}", "ssrc": ssrc})
         except LegConflict:
+            self._auto_per_host.release(host)
             # The same source's previous leg (idle timeout) is still flushing its last final.
-            self._metrics.drop(TRANSPORT, "leg_closing")
+            self._metrics.drop(TRANSPORT, DropReason.LEG_CLOSING)
             return None
         except AtCapacity as exc:
             # Every packet of a refused source lands here: log at most every 10 s.
@@ -336,12 +358,12 @@ class RtpIngest:
                 log.warning(
                     "auto-leg refused for %s: %s (further refusals counted, not logged)", call_id, exc
                 )
-            self._metrics.drop(TRANSPORT, "at_capacity")
+            self._auto_per_host.release(host)
+            self._metrics.drop(TRANSPORT, DropReason.AT_CAPACITY)
             return None
         media = _LegMedia(leg, self._new_receiver(self._settings.rtp_dynamic_codec, None), now, addr)
         media.auto_key = (addr, ssrc)
         self._auto[media.auto_key] = media
-        self._auto_per_host[host] = self._auto_per_host.get(host, 0) + 1
         self._legs[leg.leg_id] = media
         log.info("rtp auto-leg started call_id=%s", call_id)
         return media
@@ -358,12 +380,18 @@ class RtpIngest:
     def _emit(self, media: _LegMedia, events: list[LegEvent]) -> None:
         leg = media.leg
         for event in events:
-            if isinstance(event, Audio):
-                leg.feed(event.pcm, event.rate)
-            elif isinstance(event, Drop):
+            if isinstance(event, AudioReceived):
+                rate = self._sample_rates.get(event.codec)
+                if rate is None:
+                    rate = self._sample_rates[event.codec] = spec_by_name(event.codec).sample_rate
+                leg.feed(np.frombuffer(event.payload, dtype=np.int16), rate)
+            elif isinstance(event, Dropped):
                 self._metrics.drop(TRANSPORT, event.reason)
-            else:
+            elif isinstance(event, DtmfReceived):
                 leg.dtmf(event.digit, event.duration_ms)
+            elif self._legs.get(leg.leg_id) is media:  # SenderEnded
+                log.info("rtp leg %s: the sender said BYE", leg.leg_id)
+                self._end(media, event.reason)
 
     # -- time -------------------------------------------------------------------------
 
@@ -382,23 +410,17 @@ class RtpIngest:
             if media.leg.closed:
                 self._forget(media)  # closed elsewhere (shutdown drain, registry)
             elif now - media.last_packet >= idle:
-                self._end(media, "idle_timeout")
+                self._end(media, EndReason.IDLE_TIMEOUT)
             else:
                 events = media.receiver.poll(now)
                 if events:
                     self._emit(media, events)
-        if self._candidates:
-            expired = [key for key, (_packet, seen) in self._candidates.items() if now - seen > PROBATION_SEC]
-            for key in expired:
-                del self._candidates[key]
-            if expired:
-                self._metrics.drop(TRANSPORT, "unconfirmed_source", len(expired))
-        if len(self._buckets) > 1000:
-            stale = [addr for addr, bucket in self._buckets.items() if now - bucket.last > 10.0]
-            for addr in stale:
-                del self._buckets[addr]
+        expired = self._probation.expire(now)
+        if expired:
+            self._metrics.drop(TRANSPORT, DropReason.UNCONFIRMED_SOURCE, expired)
+        self._rates.forget_idle(now)
 
-    def _end(self, media: _LegMedia, reason: str) -> None:
+    def _end(self, media: _LegMedia, reason: EndReason) -> None:
         self._emit(media, media.receiver.flush())
         self._forget(media)
         task = asyncio.create_task(media.leg.close(reason))
@@ -411,11 +433,8 @@ class RtpIngest:
         if media.transport is not None:
             media.transport.close()
             self._ports_in_use.discard(media.port)
+        if media.rtcp is not None:
+            media.rtcp.close()
         if media.auto_key is not None:
             self._auto.pop(media.auto_key, None)
-            host = str(media.auto_key[0][0])
-            left = self._auto_per_host.get(host, 1) - 1
-            if left > 0:
-                self._auto_per_host[host] = left
-            else:
-                self._auto_per_host.pop(host, None)
+            self._auto_per_host.release(str(media.auto_key[0][0]))

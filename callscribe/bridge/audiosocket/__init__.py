@@ -1,0 +1,1 @@
+"""Asterisk AudioSocket: `parser` is sans-IO, `server` the asyncio TCP listener."""
