@@ -63,23 +63,7 @@ def entry_key(entry_id: str) -> tuple[int, int]:
 
 
 def event_json(event: TranscriptEvent) -> dict[str, Any]:
-    return {
-        "type": str(event.type),
-        "call_id": event.call_id,
-        "leg": event.leg,
-        "seq": event.seq,
-        "utt": event.utt,
-        "text": event.text,
-        "stable": event.stable,
-        "unstable": event.unstable,
-        "start_ms": event.start_ms,
-        "end_ms": event.end_ms,
-        "ts": event.ts,
-        "lang": event.lang,
-        "engine": event.engine,
-        "latency_ms": event.latency_ms,
-        "meta": event.meta,
-    }
+    return event.to_json()
 
 
 def sse_message(data: str, *, entry_id: str | None = None, event: str | None = None) -> bytes:
