@@ -32,6 +32,9 @@ class EventType(StrEnum):
     ERROR = "error"
 
 
+_EVENT_TYPES = frozenset(EventType)
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -62,10 +65,9 @@ def _number(value: int | None) -> str:
 
 
 def _event_type(name: str, raw: str | None) -> EventType:
-    try:
+    if raw in _EVENT_TYPES:
         return EventType(raw)
-    except ValueError:
-        raise ValueError(f"unknown event type {raw!r}") from None
+    raise ValueError(f"unknown event type {raw!r}")
 
 
 def _json_object(value: dict[str, Any]) -> str:
