@@ -9,9 +9,8 @@ import uuid
 import redis.asyncio as aioredis
 
 from callscribe.events import EventType
-from tests.conftest import ServiceFactory
 from tests.fork_senders import assert_heard, at_rate, audiosocket_stream, with_silence
-from tests.support import finals_text, load_clip, read_call_events
+from tests.support import ServiceFactory, finals_text, load_clip, read_call_events
 
 # Other test runs share the 2 cores: a leg's last final can take a while to decode.
 LOADED_MACHINE_S = 180

@@ -17,8 +17,7 @@ import redis.asyncio as aioredis
 from callscribe.calls import Leg
 from callscribe.publish.redis_streams import call_stream_key
 from callscribe.service import Service
-from tests.conftest import ServiceFactory
-from tests.support import load_clip
+from tests.support import ServiceFactory, load_clip
 
 
 @dataclass

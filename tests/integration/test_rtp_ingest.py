@@ -26,8 +26,7 @@ from callscribe.codecs import encoder_for, spec_by_name
 from callscribe.codecs.dtmf import TelephoneEvent
 from callscribe.events import EventType, TranscriptEvent
 from callscribe.service import Service
-from tests.conftest import ServiceFactory
-from tests.support import finals_text, free_port_range, load_clip, read_call_events
+from tests.support import ServiceFactory, finals_text, free_port_range, load_clip, read_call_events
 
 PTIME = 0.02
 SAMPLES = 160  # 20 ms at 8 kHz

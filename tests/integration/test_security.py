@@ -24,7 +24,7 @@ from callscribe.bridge.sip import SipResponse, parse_message
 from callscribe.bridge.sip_auth import parse_authorization
 from callscribe.logs import configure_logging
 from callscribe.service import Service
-from tests.conftest import ServiceFactory
+from tests.support import ServiceFactory
 
 SECRETS = {
     "api_token": "api-Zq7xK2-secret",
