@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from callscribe.engine.base import SAMPLE_RATE, Audio, Emit, Engine, Final, LegStream, Partial, Recognition
 from callscribe.engine.segmenter import SegmenterConfig, Utterance, UtteranceSegmenter
+from tests.support import ServiceFactory
+
+if TYPE_CHECKING:
+    from callscribe.service import Service
 
 
 class EnergyDetector:
@@ -118,3 +124,14 @@ class ScriptedLegStream(LegStream):
         pending, self._pending = self._pending, []
         for result in pending:
             self._emit(result)
+
+
+def with_scripted_engine(make_service: ServiceFactory) -> ServiceFactory:
+    """`make_service` whose bridges each run on a new ScriptedEngine (no model to load), for
+    modules where recognition itself is not under test."""
+
+    def factory(**overrides: Any) -> AbstractAsyncContextManager[Service]:
+        overrides.setdefault("engine", ScriptedEngine())
+        return make_service(**overrides)
+
+    return factory
