@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from callscribe.engine.base import Final, Partial, Recognition
+from callscribe.engine.base import EngineError, Partial, Recognition
 from callscribe.events import EventType, TranscriptEvent
 
 # Enough (audio position → wall clock) checkpoints to time results up to ~2 minutes back.
@@ -69,26 +69,18 @@ class LegEvents:
 
     def recognised(self, result: Recognition, latency_ms: int | None) -> TranscriptEvent:
         """The event of one engine result (`latency_ms` is not part of an error event)."""
+        if isinstance(result, EngineError):
+            return self.error(result.message, result.code, utt=result.utt)
         if isinstance(result, Partial):
-            return self.build(
-                EventType.PARTIAL,
-                utt=result.utt,
-                text=result.text,
-                stable=result.stable,
-                unstable=result.unstable,
-                start_ms=result.start_ms,
-                end_ms=result.end_ms,
-                latency_ms=latency_ms,
-            )
-        if isinstance(result, Final):
-            return self.build(
-                EventType.FINAL,
-                utt=result.utt,
-                text=result.text,
-                stable=result.text,
-                start_ms=result.start_ms,
-                end_ms=result.end_ms,
-                lang=result.lang,
-                latency_ms=latency_ms,
-            )
-        return self.error(result.message, result.code, utt=result.utt)
+            kind, words = EventType.PARTIAL, {"stable": result.stable, "unstable": result.unstable}
+        else:  # a final's text is all stable
+            kind, words = EventType.FINAL, {"stable": result.text, "lang": result.lang}
+        return self.build(
+            kind,
+            utt=result.utt,
+            text=result.text,
+            start_ms=result.start_ms,
+            end_ms=result.end_ms,
+            latency_ms=latency_ms,
+            **words,
+        )

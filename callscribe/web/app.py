@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from pydantic import SecretStr
 from starlette.applications import Starlette
@@ -17,6 +17,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
+# RtpPorts: the narrow view of the RTP ingest that SIP uses too (reserve a leg's port, release it).
+from callscribe.bridge.sip_calls import RtpPorts
 from callscribe.calls import AtCapacity, CallRegistry, LegConflict
 from callscribe.codecs.base import CodecError
 from callscribe.metrics import Metrics
@@ -26,25 +28,6 @@ log = logging.getLogger(__name__)
 
 # Waits (up to `timeout` seconds) until every event published so far is written to Redis.
 WaitFlushed = Callable[[float], Awaitable[object]]
-
-
-class ReservedPort(Protocol):
-    @property
-    def leg_id(self) -> str: ...
-    @property
-    def rtp_host(self) -> str: ...
-    @property
-    def rtp_port(self) -> int: ...
-
-
-class LegPorts(Protocol):
-    """What /v1/legs needs from the RTP ingest: a leg on its own port, and its release."""
-
-    async def reserve(
-        self, call_id: str, leg: str, codec: str, meta: dict[str, Any] | None = None
-    ) -> ReservedPort: ...
-
-    async def release(self, leg_id: str) -> bool: ...
 
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -103,7 +86,7 @@ def health_routes(checks: Callable[[], Mapping[str, bool]], metrics: Metrics) ->
 
 
 def leg_routes(
-    ports: LegPorts, registry: CallRegistry, policy: AccessPolicy, wait_flushed: WaitFlushed
+    ports: RtpPorts, registry: CallRegistry, policy: AccessPolicy, wait_flushed: WaitFlushed
 ) -> list[BaseRoute]:
     def refused(request: Request) -> Response | None:
         return refusal(request, policy, policy.api_token, "callscribe-api")
