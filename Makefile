@@ -40,8 +40,10 @@ test: install system-deps redis lint
 	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
 	scripts/test-vllm.sh
 
-test-fast: install redis
-	$(BIN)/pytest -q tests/unit
+# Unit tests only: no Redis, no server. The unreachable Redis URL makes any test that tries
+# to use one fail at once instead of quietly using a local Redis.
+test-fast: install
+	CALLSCRIBE_REDIS_URL=redis://127.0.0.1:1/0 $(BIN)/pytest -q -p no:cacheprovider tests/unit
 
 test-vllm: install redis
 	scripts/test-vllm.sh

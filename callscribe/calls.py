@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -24,14 +23,12 @@ from callscribe.bridge.limits import AtCapacity as AtCapacity  # re-exported: ra
 from callscribe.bridge.limits import LegConflict as LegConflict
 from callscribe.codecs.base import Pcm16
 from callscribe.codecs.resample import Resampler
-from callscribe.engine.base import SAMPLE_RATE, Engine, EngineError, Final, Partial, Recognition
+from callscribe.engine.base import SAMPLE_RATE, Engine, Final, Partial, Recognition
 from callscribe.events import EventType, TranscriptEvent
+from callscribe.leg_events import LatencyTracker, LegEvents
 from callscribe.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-# Enough (audio position → wall clock) checkpoints to time results up to ~2 minutes back.
-_LATENCY_CHECKPOINTS = 6000
 
 
 class EventSink(Protocol):
@@ -52,6 +49,10 @@ class Call:
 
 
 class Leg:
+    """One leg's lifecycle: opened by the registry, `start()`ed (leg.started), fed, closed
+    (leg.ended). Resampling and the engine stream live here; timing results is the
+    LatencyTracker's job and building numbered events the LegEvents'."""
+
     def __init__(
         self,
         call: Call,
@@ -60,7 +61,7 @@ class Leg:
         sink: EventSink,
         metrics: Metrics,
         meta: dict[str, Any],
-        on_closed: Any,
+        on_closed: Callable[[Leg], None],
     ) -> None:
         self.call = call
         self.name = name
@@ -70,15 +71,23 @@ class Leg:
         self._sink = sink
         self._metrics = metrics
         self._on_closed = on_closed
-        self._seq = 0
+        self._events = LegEvents(call.call_id, name, engine.name)
+        self._latency = LatencyTracker()
         self._samples = 0  # 16 kHz samples fed to the engine: the leg's clock
         self._resampler: Resampler | None = None
-        self._checkpoints: deque[tuple[int, float]] = deque(maxlen=_LATENCY_CHECKPOINTS)
+        self._started = False
         self._closing: asyncio.Task[None] | None = None
         self._listeners: list[Callable[[TranscriptEvent], None]] = []
         self._stream = engine.open_stream(call.call_id, name, self._on_recognition)
         self.started = time.time()
-        self._publish(EventType.LEG_STARTED, meta=meta)
+
+    def start(self) -> None:
+        """Publish leg.started: the leg's first event (the registry calls this once it has
+        registered the leg, so a subscriber never sees a leg the registry does not know)."""
+        if self._started:
+            raise RuntimeError(f"leg {self.call_id}/{self.name} was already started")
+        self._started = True
+        self._emit(self._events.started(self.meta))
 
     @property
     def call_id(self) -> str:
@@ -103,11 +112,10 @@ class Leg:
         self._to_engine(self._resampler.process(pcm))
 
     def dtmf(self, digit: str, duration_ms: int) -> None:
-        end = self.audio_ms
-        self._publish(EventType.DTMF, text=digit, start_ms=max(0, end - duration_ms), end_ms=end)
+        self._emit(self._events.dtmf(digit, duration_ms, end_ms=self.audio_ms))
 
     def error(self, message: str, code: str = "ingest") -> None:
-        self._publish(EventType.ERROR, text=message, meta={"code": code})
+        self._emit(self._events.error(message, code))
 
     async def close(self, reason: EndReason = EndReason.HANGUP) -> None:
         """Flush the open utterance, publish leg.ended (and call.ended for the last leg).
@@ -124,76 +132,38 @@ class Leg:
         except Exception:  # the leg must still end cleanly for its subscribers
             log.exception("engine failed to finish leg %s/%s", self.call_id, self.name)
             self.error("engine failed to finish the leg; the last utterance may be missing", "engine")
-        self._publish(
-            EventType.LEG_ENDED,
-            end_ms=self.audio_ms,
-            meta={"reason": str(reason), "audio_ms": self.audio_ms},
-        )
+        self._emit(self._events.ended(reason, self.audio_ms))
         self._on_closed(self)
 
     def _to_engine(self, audio: np.ndarray[Any, np.dtype[np.float32]]) -> None:
         if audio.size == 0:
             return
         self._samples += audio.size
-        self._checkpoints.append((self.audio_ms, time.monotonic()))
+        self._latency.fed(self.audio_ms)
         self._metrics.audio_seconds.inc(audio.size / SAMPLE_RATE)
         self._stream.feed(audio)
 
-    def _latency_ms(self, end_ms: int) -> int | None:
-        """Wall time since the audio ending at `end_ms` reached the engine."""
-        for audio_ms, wall in self._checkpoints:
-            if audio_ms >= end_ms:
-                return max(0, int((time.monotonic() - wall) * 1000))
-        return None
-
     def _on_recognition(self, result: Recognition) -> None:
-        if isinstance(result, Partial):
-            latency = self._latency_ms(result.end_ms)
+        latency: int | None = None
+        if isinstance(result, Partial | Final):
+            latency = self._latency.latency_ms(result.end_ms)
             if latency is not None:
-                self._metrics.partial_latency.observe(latency / 1000)
-            self._publish(
-                EventType.PARTIAL,
-                utt=result.utt,
-                text=result.text,
-                stable=result.stable,
-                unstable=result.unstable,
-                start_ms=result.start_ms,
-                end_ms=result.end_ms,
-                latency_ms=latency,
-            )
-        elif isinstance(result, Final):
-            latency = self._latency_ms(result.end_ms)
-            if latency is not None:
-                self._metrics.final_latency.observe(latency / 1000)
-            self._publish(
-                EventType.FINAL,
-                utt=result.utt,
-                text=result.text,
-                stable=result.text,
-                start_ms=result.start_ms,
-                end_ms=result.end_ms,
-                lang=result.lang,
-                latency_ms=latency,
-            )
-        elif isinstance(result, EngineError):
+                histogram = (
+                    self._metrics.partial_latency
+                    if isinstance(result, Partial)
+                    else self._metrics.final_latency
+                )
+                histogram.observe(latency / 1000)
+        else:
             self._metrics.engine_errors.labels(code=result.code).inc()
-            self._publish(EventType.ERROR, utt=result.utt, text=result.message, meta={"code": result.code})
+        self._emit(self._events.recognised(result, latency))
 
     def add_listener(self, listener: Callable[[TranscriptEvent], None]) -> None:
         """Also hand every later event of this leg to `listener`, after the publisher (an
         ingest that talks back, e.g. a FreeSWITCH fork echoing finals, subscribes here)."""
         self._listeners.append(listener)
 
-    def _publish(self, kind: EventType, **fields: Any) -> None:
-        self._seq += 1
-        event = TranscriptEvent(
-            type=kind,
-            call_id=self.call_id,
-            leg=self.name,
-            seq=self._seq,
-            engine=self.engine_name,
-            **fields,
-        )
+    def _emit(self, event: TranscriptEvent) -> None:
         self._sink.publish(event)
         for listener in self._listeners:
             try:
@@ -233,6 +203,7 @@ class CallRegistry:
         opened = Leg(call, leg, self._engine, self._sink, self._metrics, dict(meta or {}), self._leg_closed)
         call.legs[leg] = opened
         self.legs[opened.leg_id] = opened
+        opened.start()
         self._update_gauges()
         log.info("leg opened call_id=%s leg=%s leg_id=%s", call_id, leg, opened.leg_id)
         return opened

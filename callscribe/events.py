@@ -2,13 +2,19 @@
 
 Every event becomes one Redis Stream entry of flat string fields. Consumers dedupe on
 (call_id, leg, seq); `seq` is monotonic per leg (call-level events use leg "").
+
+The dataclass below is the one list of the schema's fields: each field names its `Wire`
+codec (how it is written to a stream entry, read back, and shown as JSON), and `FIELDS`,
+`to_fields`, `from_fields` and `to_json` are all derived from it. Adding a field is one line
+(appended last, so existing consumers see the same fields in the same order).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
@@ -26,28 +32,65 @@ class EventType(StrEnum):
     ERROR = "error"
 
 
-FIELDS = (
-    "v",
-    "type",
-    "call_id",
-    "leg",
-    "seq",
-    "utt",
-    "text",
-    "stable",
-    "unstable",
-    "start_ms",
-    "end_ms",
-    "ts",
-    "lang",
-    "engine",
-    "latency_ms",
-    "meta",
-)
+_EVENT_TYPES = frozenset(EventType)
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _text(name: str, raw: str | None) -> str:
+    return raw or ""
+
+
+def _optional_int(name: str, raw: str | None) -> int | None:
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"field {name}={raw!r} is not an integer") from None
+
+
+def _int(name: str, raw: str | None) -> int:
+    return _optional_int(name, raw) or 0
+
+
+def _number(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+def _event_type(name: str, raw: str | None) -> EventType:
+    if raw in _EVENT_TYPES:
+        return EventType(raw)
+    raise ValueError(f"unknown event type {raw!r}")
+
+
+def _json_object(value: dict[str, Any]) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Wire:
+    """How one field is encoded in a stream entry (`encode`), parsed back from it (`decode`,
+    given the field's name for the error and None when the entry lacks the field) and rendered
+    for JSON consumers such as the dashboard (`json`)."""
+
+    encode: Callable[[Any], str]
+    decode: Callable[[str, str | None], Any]
+    json: Callable[[Any], Any] = _same
+
+
+# Field metadata naming each field's codec: `field(metadata=TEXT)` and so on.
+TEXT = {"wire": Wire(str, _text)}
+INT = {"wire": Wire(str, _int)}
+OPTIONAL_INT = {"wire": Wire(_number, _optional_int)}  # None is written as ""
+KIND = {"wire": Wire(str, _event_type, json=str)}
+JSON_OBJECT = {"wire": Wire(_json_object, lambda name, raw: json.loads(raw or "{}"))}
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,80 +98,47 @@ class TranscriptEvent:
     """One published event. Optional numbers are None when they do not apply and
     are written as empty strings, so every entry carries every field of the schema."""
 
-    type: EventType
-    call_id: str
-    leg: str = ""
-    seq: int = 0
-    utt: int | None = None
-    text: str = ""
-    stable: str = ""
-    unstable: str = ""
-    start_ms: int | None = None
-    end_ms: int | None = None
-    ts: int = field(default_factory=now_ms)
-    lang: str = ""
-    engine: str = ""
-    latency_ms: int | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
+    type: EventType = field(metadata=KIND)
+    call_id: str = field(metadata=TEXT)
+    leg: str = field(default="", metadata=TEXT)
+    seq: int = field(default=0, metadata=INT)
+    utt: int | None = field(default=None, metadata=OPTIONAL_INT)
+    text: str = field(default="", metadata=TEXT)
+    stable: str = field(default="", metadata=TEXT)
+    unstable: str = field(default="", metadata=TEXT)
+    start_ms: int | None = field(default=None, metadata=OPTIONAL_INT)
+    end_ms: int | None = field(default=None, metadata=OPTIONAL_INT)
+    ts: int = field(default_factory=now_ms, metadata=INT)
+    lang: str = field(default="", metadata=TEXT)
+    engine: str = field(default="", metadata=TEXT)
+    latency_ms: int | None = field(default=None, metadata=OPTIONAL_INT)
+    meta: dict[str, Any] = field(default_factory=dict, metadata=JSON_OBJECT)
 
     def to_fields(self) -> dict[str, str]:
-        def num(value: int | None) -> str:
-            return "" if value is None else str(value)
+        entry = {"v": _VERSION}
+        for name, codec in _SCHEMA:
+            entry[name] = codec.encode(getattr(self, name))
+        return entry
 
-        return {
-            "v": str(SCHEMA_VERSION),
-            "type": str(self.type),
-            "call_id": self.call_id,
-            "leg": self.leg,
-            "seq": str(self.seq),
-            "utt": num(self.utt),
-            "text": self.text,
-            "stable": self.stable,
-            "unstable": self.unstable,
-            "start_ms": num(self.start_ms),
-            "end_ms": num(self.end_ms),
-            "ts": str(self.ts),
-            "lang": self.lang,
-            "engine": self.engine,
-            "latency_ms": num(self.latency_ms),
-            "meta": json.dumps(self.meta, separators=(",", ":"), sort_keys=True),
-        }
+    def to_json(self) -> dict[str, Any]:
+        """The event as a JSON object (numbers as numbers, meta as an object; no "v")."""
+        return {name: codec.json(getattr(self, name)) for name, codec in _SCHEMA}
 
     @classmethod
-    def from_fields(cls, fields: dict[str, str] | dict[bytes, bytes]) -> TranscriptEvent:
+    def from_fields(cls, entry: dict[str, str] | dict[bytes, bytes]) -> TranscriptEvent:
         """Parse a stream entry; raises ValueError naming the bad field."""
         f = {
             (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-            for k, v in fields.items()
+            for k, v in entry.items()
         }
-        if f.get("v") != str(SCHEMA_VERSION):
+        if f.get("v") != _VERSION:
             raise ValueError(f"unsupported schema version v={f.get('v')!r}, expected {SCHEMA_VERSION}")
+        return cls(**{name: codec.decode(name, f.get(name)) for name, codec in _SCHEMA})
 
-        def opt(name: str) -> int | None:
-            raw = f.get(name, "")
-            try:
-                return int(raw) if raw != "" else None
-            except ValueError:
-                raise ValueError(f"field {name}={raw!r} is not an integer") from None
 
-        try:
-            kind = EventType(f["type"])
-        except (KeyError, ValueError):
-            raise ValueError(f"unknown event type {f.get('type')!r}") from None
-        return cls(
-            type=kind,
-            call_id=f.get("call_id", ""),
-            leg=f.get("leg", ""),
-            seq=opt("seq") or 0,
-            utt=opt("utt"),
-            text=f.get("text", ""),
-            stable=f.get("stable", ""),
-            unstable=f.get("unstable", ""),
-            start_ms=opt("start_ms"),
-            end_ms=opt("end_ms"),
-            ts=opt("ts") or 0,
-            lang=f.get("lang", ""),
-            engine=f.get("engine", ""),
-            latency_ms=opt("latency_ms"),
-            meta=json.loads(f.get("meta") or "{}"),
-        )
+_VERSION = str(SCHEMA_VERSION)
+_SCHEMA: tuple[tuple[str, Wire], ...] = tuple(
+    (spec.name, spec.metadata["wire"]) for spec in fields(TranscriptEvent)
+)
+# Every stream entry's fields, in order: the schema version first, then the event's fields.
+FIELDS: tuple[str, ...] = ("v", *(name for name, _codec in _SCHEMA))

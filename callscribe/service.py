@@ -1,8 +1,10 @@
 """The composition root: one asyncio process running ingest, engine, publishing and HTTP.
 
-`async with Service(settings) as service:` starts everything and stops it in reverse order,
-draining open legs (their last finals are published) before the publisher flushes.
-Ingest servers other than HTTP are `Component`s: anything with async start()/stop().
+`Service(settings)` builds every part (engine, publisher, registry, each ingest, the HTTP app)
+and does no I/O; `async with service:` (or start()) starts them in order and stops them in
+reverse, draining open legs (their last finals are published) before the publisher flushes.
+Ingest servers other than HTTP are `Component`s: anything with async start()/stop(). Each
+part gets only what it uses: nothing but this module sees the whole Service.
 """
 
 from __future__ import annotations
@@ -10,18 +12,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from typing import Any, Protocol
 
 import uvicorn
-from starlette.routing import BaseRoute
 
+from callscribe.bridge.audiosocket.server import AudioSocketServer
+from callscribe.bridge.events import EndReason
+from callscribe.bridge.rtp.ingest import RtpIngest
+from callscribe.bridge.sip.server import SipServer
+from callscribe.bridge.webrtc import WhipIngest
 from callscribe.calls import CallRegistry
 from callscribe.engine.base import Engine
 from callscribe.metrics import Metrics
 from callscribe.publish.redis_streams import RedisStreamsPublisher
 from callscribe.security import AccessPolicy
 from callscribe.settings import Settings
+from callscribe.web.app import create_app, health_routes, leg_routes
+from callscribe.web.dashboard import Dashboard, dashboard_routes
+from callscribe.web.forks import fork_routes
+from callscribe.web.whip import whip_routes
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +73,50 @@ class Service:
         # One policy for every ingest: who may send media or call the API, and with which secret.
         self.policy = AccessPolicy.from_settings(settings)
         self.metrics = Metrics()
-        self.engine = engine or create_engine(settings)
+        self.engine: Engine = engine or create_engine(settings)
         self.publisher = RedisStreamsPublisher(settings, self.metrics)
         self.registry = CallRegistry(self.engine, self.publisher, self.metrics)
-        self.components: list[Component] = []
-        # Feature modules (websocket forks, WHIP, dashboard) add their routes here before start().
-        self.route_factories: list[Callable[[Service], list[BaseRoute]]] = []
-        self._http: uvicorn.Server | None = None
+        self.rtp = RtpIngest(settings, self.registry, self.metrics, self.policy)
+        self.sip: SipServer | None = (
+            SipServer(settings, self.rtp, self.metrics, self.policy, self.registry)
+            if settings.sip_enabled
+            else None
+        )
+        self.whip = WhipIngest(self.registry, self.metrics, settings.leg_idle_timeout_sec)
+        self.dashboard = Dashboard(settings, self.metrics)
+        self.audiosocket = AudioSocketServer(settings, self.registry, self.metrics, self.policy)
+        # Started in this order, stopped in reverse.
+        self.components: tuple[Component, ...] = tuple(
+            component
+            for component in (self.rtp, self.sip, self.whip, self.dashboard, self.audiosocket)
+            if component is not None
+        )
+        self._started: list[Component] = []
+        self.app = create_app(
+            health_routes(self.readiness, self.metrics),
+            leg_routes(self.rtp, self.registry, self.policy, self.publisher.wait_flushed),
+            whip_routes(self.whip, self.policy, self.publisher.wait_flushed, settings.http_host),
+            dashboard_routes(self.dashboard, self.metrics),
+            fork_routes(
+                self.registry,
+                self.metrics,
+                self.policy,
+                max_connections_per_source=settings.fork_max_connections_per_source,
+                max_frame_bytes=settings.fork_max_frame_bytes,
+            ),
+        )
+        self._http = _EmbeddedHttpServer(
+            uvicorn.Config(
+                self.app,
+                host=settings.http_host,
+                port=settings.http_port,
+                log_level="warning",
+                lifespan="off",
+                # Dashboard event streams and fork websockets are long-lived: don't wait on them
+                # at shutdown (the legs were drained before the HTTP server is asked to stop).
+                timeout_graceful_shutdown=5,
+            )
+        )
         self._http_task: asyncio.Task[Any] | None = None
         # What start() or stop() is doing now: named in the log when a signal or timeout hits.
         self.phase = "not started"
@@ -77,43 +124,27 @@ class Service:
     @property
     def http_port(self) -> int:
         """The bound HTTP port (differs from settings when settings ask for port 0)."""
-        if self._http is not None and self._http.servers:
-            sockets = self._http.servers[0].sockets
+        # uvicorn sets `servers` only once it listens.
+        servers = getattr(self._http, "servers", None)
+        if servers:
+            sockets = servers[0].sockets
             if sockets:
                 return int(sockets[0].getsockname()[1])
         return self.settings.http_port
 
-    async def start(self) -> None:
-        from callscribe.bridge.rtp.ingest import RtpIngest
-        from callscribe.web.app import create_app
+    def readiness(self) -> dict[str, bool]:
+        """What /readyz reports: each dependency the bridge cannot work without."""
+        return {"redis": self.publisher.connected, "engine": self.engine.ready}
 
+    async def start(self) -> None:
         self.phase = "connecting to Redis"
         await self.publisher.start()
         self.phase = f"starting the {self.engine.name} engine"
         await self.engine.start()
         self.phase = "opening ingest"
-        self.rtp = RtpIngest(self.settings, self.registry, self.metrics, self.policy)
-        self.components.append(self.rtp)
-        if self.settings.sip_enabled:
-            from callscribe.bridge.sip.server import SipServer
-
-            self.sip = SipServer(self.settings, self.rtp, self.metrics, self.policy, self.registry)
-            self.components.append(self.sip)
-        self._add_webrtc_and_dashboard()
-        self._add_media_forks()
         for component in self.components:
             await component.start()
-        config = uvicorn.Config(
-            create_app(self),
-            host=self.settings.http_host,
-            port=self.settings.http_port,
-            log_level="warning",
-            lifespan="off",
-            # Dashboard event streams and fork websockets are long-lived: don't wait on them
-            # at shutdown (the legs were drained before the HTTP server is asked to stop).
-            timeout_graceful_shutdown=5,
-        )
-        self._http = _EmbeddedHttpServer(config)
+            self._started.append(component)
         self._http_task = asyncio.create_task(self._http.serve())
         while not self._http.started:
             if self._http_task.done():
@@ -131,40 +162,22 @@ class Service:
         log.info("access %s", self.policy.describe())
         self.phase = "running"
 
-    def _add_webrtc_and_dashboard(self) -> None:
-        from callscribe.bridge.webrtc import WhipIngest
-        from callscribe.web.dashboard import Dashboard, dashboard_routes
-        from callscribe.web.whip import whip_routes
-
-        self.whip = WhipIngest(self.registry, self.metrics, self.settings.leg_idle_timeout_sec)
-        self.dashboard = Dashboard(self.settings, self.metrics)
-        self.components += [self.whip, self.dashboard]
-        self.route_factories += [whip_routes, dashboard_routes]
-
-    def _add_media_forks(self) -> None:
-        from callscribe.bridge.audiosocket.server import AudioSocketServer
-        from callscribe.web.forks import fork_routes
-
-        self.audiosocket = AudioSocketServer(self.settings, self.registry, self.metrics, self.policy)
-        self.components.append(self.audiosocket)
-        self.route_factories.append(fork_routes)
-
     async def stop(self, drain_timeout: float = 30.0) -> None:
         self.registry.accepting = False
 
         async def drain() -> None:
             # Ingest components end their own legs first: they hold audio not yet fed
             # (jitter buffers, batches) that belongs in the last finals.
-            for component in reversed(self.components):
-                await component.stop()
-            await self.registry.close_all("shutdown")
+            while self._started:
+                await self._started.pop().stop()
+            await self.registry.close_all(EndReason.SHUTDOWN)
 
         self.phase = "draining legs"
         try:
             await asyncio.wait_for(drain(), drain_timeout)
         except TimeoutError:
             log.error("drain timed out after %.0fs; %d legs cut", drain_timeout, len(self.registry.legs))
-        if self._http is not None and self._http_task is not None:
+        if self._http_task is not None:
             self.phase = "closing the HTTP server"
             self._http.should_exit = True
             await self._http_task
@@ -176,7 +189,7 @@ class Service:
 
     @property
     def ready(self) -> bool:
-        return self.engine.ready and self.publisher.connected
+        return all(self.readiness().values())
 
     async def __aenter__(self) -> Service:
         await self.start()

@@ -17,7 +17,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from callscribe.security import parse_networks
+from callscribe.networks import parse_networks
 
 EngineName = Literal["sphinx", "vllm", "remote"]
 SECRETS_DIR_ENV = "CALLSCRIBE_SECRETS_DIR"

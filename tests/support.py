@@ -8,14 +8,25 @@ import socket
 import sys
 import time
 import wave
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 import redis.asyncio as aioredis
 
 from callscribe.events import EventType, TranscriptEvent
+
+if TYPE_CHECKING:
+    from callscribe.service import Service
+
+# The Redis the integration tests use (each test under its own key prefix); unit tests use none.
+REDIS_URL = "redis://127.0.0.1:6379/0"
+# `make_service` (tests/integration/conftest.py): `async with make_service(**overrides) as svc:`.
+ServiceFactory = Callable[..., AbstractAsyncContextManager["Service"]]
 
 AUDIO_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
 CLIPS = ("librivox-0870", "librivox-0880", "librivox-0890")

@@ -1,10 +1,15 @@
-"""The HTTP app: health, the legs API, metrics. Feature modules add their own routes."""
+"""The HTTP app: health, the legs API, metrics. Feature modules add their own routes.
+
+Every route factory takes only the parts it uses (never the Service), so `callscribe.web`
+does not depend on the composition root that assembles it.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
 
 from pydantic import SecretStr
 from starlette.applications import Starlette
@@ -12,14 +17,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from callscribe.calls import AtCapacity, LegConflict
+# RtpPorts: the narrow view of the RTP ingest that SIP uses too (reserve a leg's port, release it).
+from callscribe.bridge.rtp.ports import RtpPorts
+from callscribe.calls import AtCapacity, CallRegistry, LegConflict
 from callscribe.codecs.base import CodecError
+from callscribe.metrics import Metrics
 from callscribe.security import AccessPolicy, bearer_authorized
 
-if TYPE_CHECKING:
-    from callscribe.service import Service
-
 log = logging.getLogger(__name__)
+
+# Waits (up to `timeout` seconds) until every event published so far is written to Redis.
+WaitFlushed = Callable[[float], Awaitable[object]]
+
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -59,24 +68,28 @@ async def read_json_object(request: Request, max_bytes: int = 65536) -> dict[str
     return data
 
 
-def health_routes(service: Service) -> list[BaseRoute]:
+def health_routes(checks: Callable[[], Mapping[str, bool]], metrics: Metrics) -> list[BaseRoute]:
+    """/healthz (the process answers), /readyz (every named check is true), /metrics."""
+
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok\n")
 
     async def readyz(request: Request) -> Response:
-        checks = {"redis": service.publisher.connected, "engine": service.engine.ready}
-        status = 200 if all(checks.values()) else 503
-        return JSONResponse({"ready": status == 200, **checks}, status_code=status)
+        results = dict(checks())
+        status = 200 if all(results.values()) else 503
+        return JSONResponse({"ready": status == 200, **results}, status_code=status)
 
-    async def metrics(request: Request) -> Response:
-        return Response(service.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
+    async def render_metrics(request: Request) -> Response:
+        return Response(metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
 
-    return [Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics)]
+    return [Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", render_metrics)]
 
 
-def leg_routes(service: Service) -> list[BaseRoute]:
+def leg_routes(
+    ports: RtpPorts, registry: CallRegistry, policy: AccessPolicy, wait_flushed: WaitFlushed
+) -> list[BaseRoute]:
     def refused(request: Request) -> Response | None:
-        return refusal(request, service.policy, service.policy.api_token, "callscribe-api")
+        return refusal(request, policy, policy.api_token, "callscribe-api")
 
     async def create_leg(request: Request) -> Response:
         if response := refused(request):
@@ -91,7 +104,7 @@ def leg_routes(service: Service) -> list[BaseRoute]:
                 raise ValueError("leg and codec must be non-empty strings")
             if not isinstance(meta, dict):
                 raise ValueError("meta must be a JSON object")
-            reserved = await service.rtp.reserve(call_id, leg, codec, meta)
+            reserved = await ports.reserve(call_id, leg, codec, meta)
         except (ValueError, CodecError) as exc:
             return error(400, str(exc))
         except LegConflict as exc:
@@ -107,9 +120,9 @@ def leg_routes(service: Service) -> list[BaseRoute]:
         if response := refused(request):
             return response
         leg_id = request.path_params["leg_id"]
-        if not await service.rtp.release(leg_id):
+        if not await ports.release(leg_id):
             return error(404, f"no open leg {leg_id!r}")
-        await service.publisher.wait_flushed(timeout=10.0)
+        await wait_flushed(10.0)
         return Response(status_code=204)
 
     async def list_legs(request: Request) -> Response:
@@ -118,7 +131,7 @@ def leg_routes(service: Service) -> list[BaseRoute]:
         return JSONResponse(
             [
                 {"leg_id": leg.leg_id, "call_id": leg.call_id, "leg": leg.name, "audio_ms": leg.audio_ms}
-                for leg in service.registry.legs.values()
+                for leg in registry.legs.values()
             ]
         )
 
@@ -129,8 +142,5 @@ def leg_routes(service: Service) -> list[BaseRoute]:
     ]
 
 
-def create_app(service: Service) -> Starlette:
-    routes = [*health_routes(service), *leg_routes(service)]
-    for factory in service.route_factories:
-        routes.extend(factory(service))
-    return Starlette(routes=routes)
+def create_app(*route_groups: Iterable[BaseRoute]) -> Starlette:
+    return Starlette(routes=[route for group in route_groups for route in group])

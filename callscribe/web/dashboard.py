@@ -23,7 +23,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -37,9 +37,6 @@ from callscribe.metrics import Metrics
 from callscribe.publish.redis_streams import call_stream_key, calls_stream_key
 from callscribe.settings import Settings
 from callscribe.web.app import error
-
-if TYPE_CHECKING:
-    from callscribe.service import Service
 
 log = logging.getLogger(__name__)
 
@@ -63,23 +60,7 @@ def entry_key(entry_id: str) -> tuple[int, int]:
 
 
 def event_json(event: TranscriptEvent) -> dict[str, Any]:
-    return {
-        "type": str(event.type),
-        "call_id": event.call_id,
-        "leg": event.leg,
-        "seq": event.seq,
-        "utt": event.utt,
-        "text": event.text,
-        "stable": event.stable,
-        "unstable": event.unstable,
-        "start_ms": event.start_ms,
-        "end_ms": event.end_ms,
-        "ts": event.ts,
-        "lang": event.lang,
-        "engine": event.engine,
-        "latency_ms": event.latency_ms,
-        "meta": event.meta,
-    }
+    return event.to_json()
 
 
 def sse_message(data: str, *, entry_id: str | None = None, event: str | None = None) -> bytes:
@@ -191,9 +172,7 @@ def resume_point(request: Request, default: str) -> str:
     return last
 
 
-def dashboard_routes(service: Service) -> list[BaseRoute]:
-    dashboard: Dashboard = service.dashboard
-    metrics = service.metrics
+def dashboard_routes(dashboard: Dashboard, metrics: Metrics) -> list[BaseRoute]:
 
     def sse(request: Request, call_id: str | None, default_start: str) -> Response:
         if dashboard.closing.is_set():

@@ -5,7 +5,6 @@ socket is accepted (a refused sender gets HTTP 403 and never sends audio)."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
@@ -16,9 +15,9 @@ from callscribe.bridge.forks.admission import Verdict, admit
 from callscribe.bridge.forks.base import CloseCode, fork_transport
 from callscribe.bridge.forks.endpoint import ForkSession
 from callscribe.bridge.limits import SourceLimit
-
-if TYPE_CHECKING:
-    from callscribe.service import Service
+from callscribe.calls import CallRegistry
+from callscribe.metrics import Metrics
+from callscribe.security import AccessPolicy
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +47,22 @@ class StarletteForkConnection:
             await self.websocket.close(code, reason)
 
 
-def fork_routes(service: Service) -> list[BaseRoute]:
-    limit = SourceLimit(service.settings.fork_max_connections_per_source)
+def fork_routes(
+    registry: CallRegistry,
+    metrics: Metrics,
+    policy: AccessPolicy,
+    max_connections_per_source: int,
+    max_frame_bytes: int,
+) -> list[BaseRoute]:
+    limit = SourceLimit(max_connections_per_source)
 
     def endpoint_for(parser_class: type[ForkParser]) -> WebSocketRoute:
         transport = fork_transport(parser_class.dialect)
 
         async def endpoint(websocket: WebSocket) -> None:
-            settings, policy = service.settings, service.policy
             source = websocket.client.host if websocket.client else "unknown"
             if not policy.source_allowed(source):
-                service.metrics.drop(transport, DropReason.NOT_ALLOWED)
+                metrics.drop(transport, DropReason.NOT_ALLOWED)
                 log.warning("fork %s from %s refused: not in allow_networks", parser_class.dialect, source)
                 await websocket.close(code=CloseCode.POLICY, reason="source not allowed")
                 return
@@ -72,12 +76,12 @@ def fork_routes(service: Service) -> list[BaseRoute]:
                 in_band_token=parser_class.in_band_token,
             )
             if admission.verdict is Verdict.REFUSED:
-                service.metrics.drop(transport, DropReason.AUTH)
+                metrics.drop(transport, DropReason.AUTH)
                 log.warning("fork %s from %s refused: %s", parser_class.dialect, source, admission.reason)
                 await websocket.close(code=CloseCode.POLICY, reason=admission.reason)
                 return
             if not limit.acquire(source):
-                service.metrics.drop(transport, DropReason.CONNECTION_LIMIT)
+                metrics.drop(transport, DropReason.CONNECTION_LIMIT)
                 log.warning(
                     "fork %s from %s refused: %d connections open (limit %d per source)",
                     parser_class.dialect,
@@ -95,9 +99,9 @@ def fork_routes(service: Service) -> list[BaseRoute]:
                 await websocket.accept(subprotocol=subprotocol)
                 session = ForkSession(
                     parser_class(query),
-                    service.registry,
-                    service.metrics,
-                    max_frame_bytes=settings.fork_max_frame_bytes,
+                    registry,
+                    metrics,
+                    max_frame_bytes=max_frame_bytes,
                     peer=source,
                     policy=policy if admission.verdict is Verdict.TOKEN_IN_START else None,
                 )

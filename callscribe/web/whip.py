@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -20,10 +20,8 @@ from starlette.routing import BaseRoute, Route
 from callscribe.bridge.events import EndReason
 from callscribe.bridge.webrtc import WhipError, WhipIngest
 from callscribe.calls import AtCapacity, LegConflict
-from callscribe.web.app import error, refusal
-
-if TYPE_CHECKING:
-    from callscribe.service import Service
+from callscribe.security import AccessPolicy
+from callscribe.web.app import WaitFlushed, error, refusal
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +50,12 @@ def session_params(request: Request) -> tuple[str, list[str], dict[str, Any]]:
     return _checked_name("call_id", call_id), legs, meta
 
 
-def whip_routes(service: Service) -> list[BaseRoute]:
-    ingest: WhipIngest = service.whip
-    policy = service.policy
-    if policy.whip_token is None and service.settings.http_host not in ("127.0.0.1", "::1", "localhost"):
-        log.warning(
-            "WHIP ingest on %s accepts any client: set CALLSCRIBE_WHIP_TOKEN", service.settings.http_host
-        )
+def whip_routes(
+    ingest: WhipIngest, policy: AccessPolicy, wait_flushed: WaitFlushed, http_host: str
+) -> list[BaseRoute]:
+    """`http_host`: the address HTTP listens on, to warn when WHIP is open beyond this host."""
+    if policy.whip_token is None and http_host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("WHIP ingest on %s accepts any client: set CALLSCRIBE_WHIP_TOKEN", http_host)
 
     def refused(request: Request) -> Response | None:
         return refusal(request, policy, policy.whip_token, "callscribe-whip")
@@ -101,7 +98,7 @@ def whip_routes(service: Service) -> list[BaseRoute]:
         session_id = request.path_params["session_id"]
         if not await ingest.end(session_id, EndReason.HANGUP):
             return error(404, f"no WHIP session {session_id!r}")
-        await service.publisher.wait_flushed(timeout=10.0)
+        await wait_flushed(10.0)
         return Response(status_code=200)
 
     async def trickle(request: Request) -> Response:

@@ -20,10 +20,9 @@ import redis.asyncio as aioredis
 from callscribe.events import EventType, TranscriptEvent
 from callscribe.publish.redis_streams import call_stream_key
 from callscribe.service import Service
-from tests.conftest import ServiceFactory
 from tests.e2e.chromium import Chromium, Page
 from tests.integration.test_webrtc_whip import TOKEN, played, speech_wav, whip_peer
-from tests.support import finals_text, load_clip, read_call_events
+from tests.support import ServiceFactory, finals_text, load_clip, read_call_events
 
 OUTPUT = Path(__file__).resolve().parents[2] / "test-output" / "e2e"
 CALLER = load_clip("librivox-0870")

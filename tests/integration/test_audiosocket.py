@@ -9,9 +9,9 @@ import uuid
 import redis.asyncio as aioredis
 
 from callscribe.events import EventType
-from tests.conftest import ServiceFactory
 from tests.fork_senders import assert_heard, at_rate, audiosocket_stream, with_silence
-from tests.support import finals_text, load_clip, read_call_events
+from tests.scripted_engine import ScriptedEngine
+from tests.support import ServiceFactory, finals_text, load_clip, read_call_events
 
 # Other test runs share the 2 cores: a leg's last final can take a while to decode.
 LOADED_MACHINE_S = 180
@@ -109,7 +109,7 @@ async def test_garbage_connections_do_not_disturb_a_call(
 
 async def test_duplicate_uuid_and_connection_limit(make_service: ServiceFactory) -> None:
     call = uuid.uuid4()
-    async with make_service(fork_max_connections_per_source=2) as svc:
+    async with make_service(engine=ScriptedEngine(), fork_max_connections_per_source=2) as svc:
         port = svc.audiosocket.port
         first = await asyncio.open_connection("127.0.0.1", port)
         first[1].write(struct.pack("!BH", 0x01, 16) + call.bytes)

@@ -1,6 +1,7 @@
-"""The dashboard's Server-Sent Events over real HTTP, real Redis and the real engine:
-resuming from Last-Event-ID, recycling, the calls index, bad input, shutdown with streams open.
-The page itself, in Chromium, is tested in tests/e2e."""
+"""The dashboard's Server-Sent Events over real HTTP and real Redis: resuming from
+Last-Event-ID, recycling, the calls index, bad input, shutdown with streams open. Recognition
+is not under test here, so the deterministic ScriptedEngine transcribes (a final per utterance
+of the real clip). The page itself, in Chromium, with the real engine, is tested in tests/e2e."""
 
 from __future__ import annotations
 
@@ -12,13 +13,19 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 import redis.asyncio as aioredis
 
 from callscribe.calls import Leg
 from callscribe.publish.redis_streams import call_stream_key
 from callscribe.service import Service
-from tests.conftest import ServiceFactory
-from tests.support import load_clip
+from tests.scripted_engine import with_scripted_engine
+from tests.support import ServiceFactory, load_clip
+
+
+@pytest.fixture
+def make_service(make_service: ServiceFactory) -> ServiceFactory:
+    return with_scripted_engine(make_service)
 
 
 @dataclass

@@ -21,8 +21,7 @@ import redis.asyncio as aioredis
 
 from callscribe.bridge.rtp.sender import send_wav
 from callscribe.events import EventType, TranscriptEvent
-from tests.conftest import REDIS_URL, ServiceFactory
-from tests.support import CLIPS, free_port, load_clip, serve_command
+from tests.support import CLIPS, REDIS_URL, ServiceFactory, free_port, load_clip, serve_command
 
 ROOT = Path(__file__).resolve().parents[2]
 FinalKey = tuple[str, str, int]

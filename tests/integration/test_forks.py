@@ -15,7 +15,6 @@ from websockets.typing import Subprotocol
 
 from callscribe.bridge.forks.admission import twilio_signature
 from callscribe.events import EventType, TranscriptEvent
-from tests.conftest import ServiceFactory
 from tests.fork_senders import (
     assert_heard,
     asterisk_websocket_stream,
@@ -30,7 +29,7 @@ from tests.fork_senders import (
     two_legs,
     with_silence,
 )
-from tests.support import finals_text, load_clip, read_call_events
+from tests.support import ServiceFactory, finals_text, load_clip, read_call_events
 
 # The engine is fed at the pace calls happen: a sender much faster than real time would
 # outrun the embedded engine's bounded backlog on a busy machine (audio dropped, by design).

@@ -27,8 +27,7 @@ from callscribe.publish.redis_streams import (
 )
 from callscribe.publish.tail import follow
 from callscribe.settings import Settings
-from tests.conftest import REDIS_URL
-from tests.support import free_port
+from tests.support import REDIS_URL, free_port
 
 LOGGER = "callscribe.publish.redis_streams"
 

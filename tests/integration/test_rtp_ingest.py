@@ -1,4 +1,5 @@
-"""RTP ingest against the full Service: hostile and impaired input, real peers, real engine.
+"""RTP ingest against the full Service: hostile and impaired input, real peers, and the real
+engine wherever finals are checked (the ScriptedEngine where only the ingest's plumbing is).
 
 Bad datagrams are counted and dropped with a reason and never stop another leg from
 transcribing; a lossy, reordering, duplicating network still yields every utterance's
@@ -26,8 +27,8 @@ from callscribe.codecs import encoder_for, spec_by_name
 from callscribe.codecs.dtmf import TelephoneEvent
 from callscribe.events import EventType, TranscriptEvent
 from callscribe.service import Service
-from tests.conftest import ServiceFactory
-from tests.support import finals_text, free_port, free_port_range, load_clip, read_call_events
+from tests.scripted_engine import ScriptedEngine
+from tests.support import ServiceFactory, finals_text, free_port, free_port_range, load_clip, read_call_events
 
 PTIME = 0.02
 SAMPLES = 160  # 20 ms at 8 kHz
@@ -212,7 +213,9 @@ async def test_lossy_reordering_network_keeps_every_utterance_and_the_leg_time(
 async def test_dtmf_and_idle_timeout_on_the_auto_leg_port(
     make_service: ServiceFactory, redis: aioredis.Redis, key_prefix: str
 ) -> None:
-    async with make_service(leg_idle_timeout_sec=1.0, dtmf_payload_type=101, **ISOLATED) as svc:
+    async with make_service(
+        engine=ScriptedEngine(), leg_idle_timeout_sec=1.0, dtmf_payload_type=101, **ISOLATED
+    ) as svc:
         ssrc = 0xD7AF
         silence = b"\xff" * 160
         packets = [RtpPacket(0, n, n * 160, ssrc, silence).serialize() for n in range(10)]
@@ -238,7 +241,7 @@ async def test_dtmf_and_idle_timeout_on_the_auto_leg_port(
 async def test_reserved_leg_idles_out_from_reservation(
     make_service: ServiceFactory, redis: aioredis.Redis, key_prefix: str
 ) -> None:
-    async with make_service(leg_idle_timeout_sec=0.5, **ISOLATED) as svc:
+    async with make_service(engine=ScriptedEngine(), leg_idle_timeout_sec=0.5, **ISOLATED) as svc:
         await svc.rtp.reserve("silent-call", "agent", "opus")
         events = await read_call_events(redis, key_prefix, "silent-call", timeout=20)
         assert not svc.registry.legs
@@ -247,7 +250,7 @@ async def test_reserved_leg_idles_out_from_reservation(
 
 
 async def test_ssrc_spray_from_one_address_is_capped(make_service: ServiceFactory) -> None:
-    async with make_service(leg_idle_timeout_sec=5.0, **ISOLATED) as svc:
+    async with make_service(engine=ScriptedEngine(), leg_idle_timeout_sec=5.0, **ISOLATED) as svc:
         svc.rtp.max_auto_legs_per_source = 3
         port = svc.settings.rtp_port
         # 20 streams of two packets in sequence each (confirmed sources), then 30 lone packets.
@@ -307,7 +310,7 @@ async def test_ffmpeg_into_a_leg_reserved_over_http(
 
 async def test_port_range_exhaustion_is_a_clear_503(make_service: ServiceFactory) -> None:
     async with (
-        make_service(rtp_port_range=free_port_range(4), **ISOLATED) as svc,
+        make_service(engine=ScriptedEngine(), rtp_port_range=free_port_range(4), **ISOLATED) as svc,
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{svc.http_port}", timeout=60) as http,
     ):
         replies = [

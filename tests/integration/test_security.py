@@ -1,5 +1,6 @@
 """Access control end to end, on a real Service: every ingest refuses sources outside
-allow_networks, and no secret ever reaches the logs, the settings' repr or an HTTP endpoint."""
+allow_networks, and no secret ever reaches the logs, the settings' repr or an HTTP endpoint.
+Recognition is not under test here: the bridges run on the ScriptedEngine (no model to load)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,14 @@ from callscribe.bridge.sip.auth import parse_authorization
 from callscribe.bridge.sip.message import SipResponse, parse_message
 from callscribe.logs import configure_logging
 from callscribe.service import Service
-from tests.conftest import ServiceFactory
+from tests.scripted_engine import with_scripted_engine
+from tests.support import ServiceFactory
+
+
+@pytest.fixture
+def make_service(make_service: ServiceFactory) -> ServiceFactory:
+    return with_scripted_engine(make_service)
+
 
 SECRETS = {
     "api_token": "api-Zq7xK2-secret",

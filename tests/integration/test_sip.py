@@ -15,9 +15,8 @@ import redis.asyncio as aioredis
 
 from callscribe.bridge.sip.message import SipResponse, parse_message
 from callscribe.events import EventType
-from tests.conftest import ServiceFactory
 from tests.integration.sip_peers import SIPP, PcapStream, run_sipp, write_pcmu_pcap
-from tests.support import finals_text, free_port, free_port_range, load_clip, read_call_events
+from tests.support import ServiceFactory, finals_text, free_port, free_port_range, load_clip, read_call_events
 from tests.unit.sip_data import MESSAGES, load
 
 pytestmark = pytest.mark.skipif(SIPP is None, reason="sipp (Debian package sip-tester) is not installed")

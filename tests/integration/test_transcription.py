@@ -12,8 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from callscribe.events import EventType
-from tests.conftest import ServiceFactory
-from tests.support import CLIPS, Clip, finals_text, load_clip, read_call_events
+from tests.support import CLIPS, Clip, ServiceFactory, finals_text, load_clip, read_call_events
 
 pytestmark = pytest.mark.skipif(
     shutil.which("ffmpeg") is None, reason="ffmpeg is not installed (make test installs it)"

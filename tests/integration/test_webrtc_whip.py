@@ -24,8 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from callscribe.events import EventType
 from callscribe.service import Service
-from tests.conftest import ServiceFactory
-from tests.support import Clip, finals_text, load_clip, read_call_events
+from tests.support import Clip, ServiceFactory, finals_text, load_clip, read_call_events
 
 TOKEN = "whip-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

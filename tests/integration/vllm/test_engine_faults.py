@@ -38,10 +38,9 @@ from callscribe.engine.qwen3.streaming import StreamingConfig
 from callscribe.events import EventType, TranscriptEvent
 from callscribe.service import Service
 from callscribe.settings import Settings
-from tests.conftest import REDIS_URL
 from tests.integration.vllm.conftest import TINY_ENGINE_ARGS, TINY_MODEL
 from tests.integration.vllm.test_remote import Server, _start_server, _wait_healthy
-from tests.support import free_port, free_port_range, load_clip
+from tests.support import REDIS_URL, free_port, free_port_range, load_clip
 
 pytestmark = pytest.mark.vllm
 

@@ -11,9 +11,8 @@ import redis.asyncio as aioredis
 from callscribe.engine.base import Emit, Engine, LegStream
 from callscribe.engine.qwen3.local import LocalQwen3Engine
 from callscribe.events import EventType
-from tests.conftest import ServiceFactory
 from tests.integration.test_transcription import transcribe_call
-from tests.support import load_clip
+from tests.support import ServiceFactory, load_clip
 
 pytestmark = [
     pytest.mark.vllm,

@@ -1,9 +1,14 @@
+"""Fixtures of the tests that run real servers against the real Redis on 127.0.0.1:6379.
+
+Unit tests (tests/unit) need neither and do not see these fixtures; tests/e2e uses them too.
+"""
+
 from __future__ import annotations
 
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -12,9 +17,7 @@ import redis.asyncio as aioredis
 from callscribe.engine.base import Engine
 from callscribe.service import Service
 from callscribe.settings import Settings
-from tests.support import free_port, free_port_range
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
+from tests.support import REDIS_URL, ServiceFactory, free_port, free_port_range
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -39,13 +42,11 @@ async def redis(key_prefix: str) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-ServiceFactory = Callable[..., AbstractAsyncContextManager[Service]]
-
-
 @pytest.fixture
 def make_service(key_prefix: str) -> ServiceFactory:
     """`async with make_service(jitter_ms=40) as svc:` a real bridge on free ports.
-    `engine=` runs it on an engine the test already started (e.g. the session's vLLM)."""
+    `engine=` runs it on an engine the test already started (e.g. the session's vLLM, or a
+    ScriptedEngine from tests/scripted_engine.py where recognition itself is not under test)."""
 
     @asynccontextmanager
     async def factory(engine: Engine | None = None, **overrides: Any) -> AsyncIterator[Service]:
