@@ -160,3 +160,82 @@ def key_slot(port: int, key: str) -> int:
 
 def env_without(*names: str) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in names}
+
+
+KAMAILIO = shutil.which("kamailio")
+ROOT = Path(__file__).resolve().parents[2]
+KAMAILIO_CONFIG = ROOT / "config" / "kamailio"
+
+
+def kamailio_version() -> str:
+    assert KAMAILIO is not None
+    out = subprocess.run([KAMAILIO, "-v"], capture_output=True, text=True)
+    return out.stdout.splitlines()[0].removeprefix("version: ").strip()
+
+
+def kamailio_config(folder: Path, port: int, instances: list[int]) -> Path:
+    """config/kamailio/ as shipped, with only addresses, ports and file paths substituted;
+    checked with `kamailio -c` before use."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = (KAMAILIO_CONFIG / "kamailio-callscribe.cfg").read_text()
+    substituted = cfg.replace("0.0.0.0:5060", f"127.0.0.1:{port}").replace("/etc/kamailio/", f"{folder}/")
+    assert substituted.count(f"127.0.0.1:{port}") == 2 and f"{folder}/" in substituted, "config changed shape"
+    (folder / "kamailio.cfg").write_text(substituted)
+    dispatcher = (KAMAILIO_CONFIG / "dispatcher.list").read_text()
+    for shipped, port_of in zip(("10.0.0.21:5060", "10.0.0.22:5060"), instances, strict=True):
+        assert shipped in dispatcher
+        dispatcher = dispatcher.replace(shipped, f"127.0.0.1:{port_of}")
+    (folder / "dispatcher.list").write_text(dispatcher)
+    address = (KAMAILIO_CONFIG / "address.list").read_text()
+    assert "10.0.0.0 24" in address
+    (folder / "address.list").write_text(address.replace("10.0.0.0 24", "127.0.0.1 32"))
+    assert KAMAILIO is not None
+    check = subprocess.run(
+        [KAMAILIO, "-c", "-f", str(folder / "kamailio.cfg")], capture_output=True, text=True
+    )
+    assert check.returncode == 0, f"kamailio -c rejects the config:\n{check.stdout}\n{check.stderr}"
+    return folder / "kamailio.cfg"
+
+
+def kamailio_command(config: Path) -> list[str]:
+    """Kamailio in the foreground, logging to stderr, few children, small memory, runtime
+    files in the config's folder (never /run/kamailio)."""
+    assert KAMAILIO is not None
+    folder = config.parent
+    return [
+        KAMAILIO, "-f", str(config), "-DD", "-E", "-n", "2", "-m", "64", "-M", "8",
+        "-Y", str(folder), "-P", str(folder / "kamailio.pid"), "-w", str(folder),
+    ]  # fmt: skip
+
+
+async def run_sipp_here(
+    scenario: Path, target_port: int, workdir: Path, *, call_id: str, calls: int, rate: int, extra: list[str]
+) -> tuple[int, str]:
+    """sipp UAC `scenario` (already in `workdir`, next to its pcaps) against 127.0.0.1:port
+    over UDP; returns (exit code, its message and error logs). tests/integration's run_sipp
+    takes scenarios only from its own folder; the lab's proxied scenarios live here."""
+    import asyncio
+
+    from tests.integration.sip_peers import SIPP
+    from tests.support import free_port
+
+    assert SIPP is not None, "sipp (Debian package sip-tester) is not installed"
+    log_file, errors = workdir / "sipp.log", workdir / "sipp-errors.log"
+    args = [
+        SIPP, "-sf", str(scenario), f"127.0.0.1:{target_port}", "-i", "127.0.0.1", "-mi", "127.0.0.1",
+        "-p", str(free_port()), "-mp", str(free_port()), "-t", "u1",
+        "-m", str(calls), "-r", str(rate), "-l", str(calls), "-cid_str", f"{call_id}-%u",
+        "-nostdin", "-timeout", "90s", "-timeout_error", "-trace_logs", "-log_file", str(log_file),
+        "-trace_err", "-error_file", str(errors), "-nd", "-aa", *extra,
+    ]  # fmt: skip
+    process = await asyncio.create_subprocess_exec(
+        *args, cwd=workdir, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), 120)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    logs = "".join(p.read_text(errors="replace") for p in (log_file, errors) if p.exists())
+    return process.returncode or 0, logs + output.decode(errors="replace")[-3000:]
