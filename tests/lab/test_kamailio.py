@@ -101,14 +101,42 @@ def proxied_siprec_scenario(workdir: Path) -> str:
     return "siprec_proxy_uac.xml"
 
 
+async def wait_log(log: KamailioLog, pattern: str, after: float, timeout: float) -> float:
+    """Seconds from `after` until Kamailio logs a line matching `pattern`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen = log.first(pattern, after)
+        if seen is not None:
+            return seen - after
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"kamailio logged no {pattern!r} within {timeout} s:\n{log.text()}")
+
+
+def copy_files(folder: Path, sources: list[Path]) -> None:
+    """sipp finds a scenario's pcaps in its working folder."""
+    folder.mkdir()
+    for source in sources:
+        (folder / source.name).write_bytes(source.read_bytes())
+
+
+async def place_calls(folder: Path, kam_port: int, name: str, calls: int, hold: list[str]) -> tuple[int, str]:
+    """`calls` plain calls through Kamailio, one a second, from their own folder."""
+    copy_files(folder, [folder.parent / "call.pcap", LAB_SCENARIOS / "plain_proxy_uac.xml"])
+    call_id = f"{name}-{uuid.uuid4().hex[:6]}"
+    return await run_sipp_here(
+        folder / "plain_proxy_uac.xml", kam_port, folder, call_id=call_id, calls=calls, rate=1, extra=hold
+    )
+
+
 def answered_by(log: str) -> dict[str, int]:
     """Call-ID → SIP port of the instance whose Contact answered it (the scenarios log it)."""
     return {m.group(2): int(m.group(1)) for m in re.finditer(r"answered-by (\d+) (\S+)", log)}
 
 
-def start_instance(name: str, workdir: Path) -> Instance:
-    prefix = f"cslab-kam-{name}-{uuid.uuid4().hex[:6]}"
-    sip_port, http_port = free_port(), free_port()
+def start_instance(name: str, workdir: Path, again: Instance | None = None) -> Instance:
+    """A `callscribe serve` with SIP on; `again`: restart that instance on its ports."""
+    prefix = again.prefix if again else f"cslab-kam-{name}-{uuid.uuid4().hex[:6]}"
+    sip_port, http_port = (again.sip_port, again.http_port) if again else (free_port(), free_port())
     env = {k: v for k, v in os.environ.items() if not k.startswith("CALLSCRIBE_")}
     env.update(
         CALLSCRIBE_SIP_ENABLED="true",
@@ -118,7 +146,7 @@ def start_instance(name: str, workdir: Path) -> Instance:
         # sipp paces RTP by the wall clock of a loaded machine (see tests/integration/test_sip.py).
         CALLSCRIBE_JITTER_MS="400",
     )
-    log = (workdir / f"serve-{name}.log").open("wb")
+    log = (workdir / f"serve-{name}.log").open("ab")
     process = subprocess.Popen(
         serve_command(REDIS_URL, prefix, http_port, free_port()),
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -201,7 +229,6 @@ async def test_kamailio_spreads_calls_and_fails_over(tmp_path: Path, redis_clien
             ],
         )
         hold = ["-d", str(int((seconds + 1.0) * 1000))]
-        (tmp_path / "plain_proxy_uac.xml").write_text((LAB_SCENARIOS / "plain_proxy_uac.xml").read_text())
         siprec = proxied_siprec_scenario(tmp_path)
         by_port = {a.sip_port: a, b.sip_port: b}
 
@@ -209,12 +236,8 @@ async def test_kamailio_spreads_calls_and_fails_over(tmp_path: Path, redis_clien
         placed: dict[str, str] = {}
         plain_id, siprec_id = f"kam-plain-{uuid.uuid4().hex[:6]}", f"kam-rec-{uuid.uuid4().hex[:6]}"
         plain_dir, rec_dir = tmp_path / "plain1", tmp_path / "rec1"
-        for folder in (plain_dir, rec_dir):
-            folder.mkdir()
-        for name in ("call.pcap", "plain_proxy_uac.xml"):
-            (plain_dir / name).write_bytes((tmp_path / name).read_bytes())
-        for name in ("siprec.pcap", siprec):
-            (rec_dir / name).write_bytes((tmp_path / name).read_bytes())
+        copy_files(plain_dir, [tmp_path / "call.pcap", LAB_SCENARIOS / "plain_proxy_uac.xml"])
+        copy_files(rec_dir, [tmp_path / "siprec.pcap", tmp_path / siprec])
         (plain_rc, plain_log), (rec_rc, rec_log) = await asyncio.gather(
             run_sipp_here(
                 plain_dir / "plain_proxy_uac.xml",
@@ -251,20 +274,7 @@ async def test_kamailio_spreads_calls_and_fails_over(tmp_path: Path, redis_clien
         killed_at = time.monotonic()
         a.process.send_signal(signal.SIGKILL)
         a.process.wait(5)
-        after_dir = tmp_path / "after"
-        after_dir.mkdir()
-        for name in ("call.pcap", "plain_proxy_uac.xml"):
-            (after_dir / name).write_bytes((tmp_path / name).read_bytes())
-        after_id = f"kam-after-{uuid.uuid4().hex[:6]}"
-        after_rc, after_log = await run_sipp_here(
-            after_dir / "plain_proxy_uac.xml",
-            kam_port,
-            after_dir,
-            call_id=after_id,
-            calls=4,
-            rate=1,
-            extra=hold,
-        )
+        after_rc, after_log = await place_calls(tmp_path / "after", kam_port, "kam-after", 4, hold)
         assert after_rc == 0, after_log + kam_log.text()
         answered_after = answered_by(after_log)
         assert len(answered_after) == 4 and set(answered_after.values()) == {b.sip_port}, answered_after
@@ -272,43 +282,43 @@ async def test_kamailio_spreads_calls_and_fails_over(tmp_path: Path, redis_clien
             events = await call_events(redis_client, b.prefix, call_id)
             assert any(e.type == EventType.FINAL and e.text for e in events), (call_id, events)
             assert not await redis_client.exists(f"{a.prefix}:call:{{{call_id}}}")
+        # Round-robin sent one of them to a: that INVITE went to b after fr_timer.
         marked = kam_log.first(rf"127\.0\.0\.1:{a.sip_port}.*marked inactive", killed_at)
-        probed = kam_log.first(rf"instance sip:127\.0\.0\.1:{a.sip_port}.* down", killed_at)
-        # 3. Out of the pool: a call now goes straight to b (no INVITE waits on a).
-        if probed is None:
-            deadline = time.monotonic() + 20
-            while probed is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.5)
-                probed = kam_log.first(rf"instance sip:127\.0\.0\.1:{a.sip_port}.* down", killed_at)
-        last_dir = tmp_path / "last"
-        last_dir.mkdir()
-        for name in ("call.pcap", "plain_proxy_uac.xml"):
-            (last_dir / name).write_bytes((tmp_path / name).read_bytes())
+        assert marked is not None, kam_log.text()
+        # 3. a comes back on the same address: OPTIONS probing puts it back in the pool.
+        restarted_at = time.monotonic()
+        a = start_instance("a", tmp_path, again=a)
+        await wait_ready(a)
+        ready_sec = time.monotonic() - restarted_at
+        up = await wait_log(kam_log, rf"instance sip:127\.0\.0\.1:{a.sip_port}.* up", restarted_at, 30)
+        back_rc, back_log = await place_calls(tmp_path / "back", kam_port, "kam-back", 2, hold)
+        assert back_rc == 0, back_log + kam_log.text()
+        assert set(answered_by(back_log).values()) == {a.sip_port, b.sip_port}, answered_by(back_log)
+
+        # 4. SIGKILL a again with no call in flight: OPTIONS probing alone takes it out, and
+        # the calls after that go straight to b (no INVITE waits on a, nothing marked).
+        a.process.send_signal(signal.SIGKILL)
+        a.process.wait(5)
+        killed_again_at = time.monotonic()
+        down = await wait_log(kam_log, rf"instance sip:127\.0\.0\.1:{a.sip_port}.* down", killed_again_at, 40)
         marks_before = sum("marked inactive" in line for _t, line in kam_log.lines)
-        last_rc, last_log = await run_sipp_here(
-            last_dir / "plain_proxy_uac.xml",
-            kam_port,
-            last_dir,
-            call_id=f"kam-last-{uuid.uuid4().hex[:6]}",
-            calls=2,
-            rate=2,
-            extra=hold,
-        )
+        last_rc, last_log = await place_calls(tmp_path / "last", kam_port, "kam-last", 2, hold)
         assert last_rc == 0, last_log + kam_log.text()
-        assert set(answered_by(last_log).values()) == {b.sip_port}
+        assert set(answered_by(last_log).values()) == {b.sip_port}, answered_by(last_log)
         assert sum("marked inactive" in line for _t, line in kam_log.lines) == marks_before, kam_log.text()
+        for call_id in answered_by(last_log):
+            events = await call_events(redis_client, b.prefix, call_id)
+            assert any(e.type == EventType.FINAL and e.text for e in events), (call_id, events)
 
         # No half-set-up call: every call b took has ended and b holds nothing open.
         await asyncio.sleep(1.0)
         assert await open_calls(b) == (0.0, 0.0)
         print(
-            "after SIGKILL: failure route marked it inactive",
-            f"{marked - killed_at:.1f} s" if marked else "never (no call was sent to it)",
-            "; OPTIONS probing reported it down",
-            f"{probed - killed_at:.1f} s" if probed else "never within the test",
-            "after the kill",
+            "SIGKILL during calls: failure route marked a inactive",
+            f"{marked - killed_at:.1f} s after the kill",
+            f"| restarted a: ready after {ready_sec:.1f} s, back in the pool (probe) after {up:.1f} s",
+            f"| SIGKILL idle: probing took a out after {down:.1f} s",
         )
-        assert marked is not None or probed is not None, kam_log.text()
     finally:
         if kamailio is not None:
             kamailio.terminate()
