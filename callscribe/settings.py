@@ -17,6 +17,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from callscribe.publish.connect import cluster_seeds, is_cluster_url
 from callscribe.security import parse_networks
 
 EngineName = Literal["sphinx", "vllm", "remote"]
@@ -134,6 +135,13 @@ class Settings(BaseSettings):
     @classmethod
     def _check_networks(cls, value: list[str]) -> list[str]:
         parse_networks(value)
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        if is_cluster_url(value):
+            cluster_seeds(value)  # a redis+cluster:// URL without a node or with /db: say so now
         return value
 
     @property

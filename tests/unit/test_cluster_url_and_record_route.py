@@ -76,3 +76,13 @@ def test_record_route_is_copied_in_order_into_dialog_responses(status: int, copi
     response = build_response(request, status, to_tag="tt1")
     expected = ["<sip:192.0.2.1;lr;ftag=ft1>", "<sip:203.0.113.5;lr>"] if copied else []
     assert response.headers.get_all("record-route") == expected
+
+
+def test_settings_refuse_a_cluster_url_with_a_database() -> None:
+    from pydantic import ValidationError
+
+    from callscribe.settings import Settings
+
+    with pytest.raises(ValidationError, match="only database 0"):
+        Settings(redis_url="redis+cluster://10.0.0.1:7000/2")
+    assert Settings(redis_url="redis+cluster://10.0.0.1:7000").redis_url == "redis+cluster://10.0.0.1:7000"
