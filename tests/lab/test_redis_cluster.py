@@ -156,6 +156,8 @@ async def test_master_killed_mid_call_loses_no_final(cluster: RedisClusterLab, t
         await promotion
         assert await publisher.wait_flushed(30), f"events still unwritten: {publisher.buffer_depth}"
         flushed_sec = time.monotonic() - killed_at
+        # /readyz follows `connected`: the idle ping must succeed against the new topology.
+        await _wait_for(lambda: publisher.connected, "the publisher to report Redis up again", 10)
         print(
             f"master {victim} killed; replica promoted after {promoted[0]:.1f} s; "
             f"everything written {flushed_sec:.1f} s after the kill"
