@@ -213,11 +213,10 @@ def tail(
 
 
 async def _tail(redis_url: str, prefix: str, call_id: str | None, start: str, partials: bool) -> None:
-    import redis.asyncio as aioredis
-
+    from callscribe.publish.connect import connect
     from callscribe.publish.tail import follow
 
-    client = aioredis.from_url(redis_url)
+    client = connect(redis_url)
     try:
         async for _entry_id, event in follow(client, prefix, call_id=call_id, start=start):
             if partials or event.type != EventType.PARTIAL:

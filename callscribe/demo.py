@@ -18,10 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import redis.asyncio as aioredis
 
 from callscribe.bridge.rtp.sender import send_wav
 from callscribe.events import EventType, TranscriptEvent
+from callscribe.publish.connect import connect
 from callscribe.publish.tail import follow
 
 DEMO_PREFIX = "callscribe"
@@ -70,7 +70,7 @@ async def run_demo(
     echo: Callable[[str], None],
     fmt: Callable[[TranscriptEvent], str],
 ) -> None:
-    redis = aioredis.from_url(redis_url)
+    redis = connect(redis_url)
     try:
         await redis.ping()
     except Exception as exc:

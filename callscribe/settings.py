@@ -18,6 +18,7 @@ from pydantic_settings import (
 )
 
 from callscribe.networks import parse_networks
+from callscribe.publish.connect import cluster_seeds, is_cluster_url
 
 EngineName = Literal["sphinx", "vllm", "remote"]
 SECRETS_DIR_ENV = "CALLSCRIBE_SECRETS_DIR"
@@ -134,6 +135,13 @@ class Settings(BaseSettings):
     @classmethod
     def _check_networks(cls, value: list[str]) -> list[str]:
         parse_networks(value)
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        if is_cluster_url(value):
+            cluster_seeds(value)  # a redis+cluster:// URL without a node or with /db: say so now
         return value
 
     @property

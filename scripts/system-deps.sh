@@ -10,6 +10,7 @@ declare -A need=(
   [chromium]=chromium      # WebRTC + dashboard browser tests
   [chromedriver]=chromium-driver
   [redis-server]=redis-server
+  [kamailio]=kamailio          # SIP proxy in front of two instances (tests/lab)
 )
 missing=()
 for cmd in "${!need[@]}"; do

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import hiredis
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -35,6 +35,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from callscribe.events import EventType, TranscriptEvent
 from callscribe.metrics import Metrics
+from callscribe.publish.connect import AnyRedis, connect
 from callscribe.publish.outage import Displaced, OutageBuffer
 from callscribe.publish.spool import Spool
 from callscribe.settings import Settings
@@ -51,6 +52,15 @@ FIRST_PING_SEC = 1.0
 SOCKET_TIMEOUT_SEC = 5.0
 # Replies that mean "try again later" rather than "this command is wrong".
 TRANSIENT_REPLIES = ("OOM", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY")
+# In a cluster, a slot moving or its master failing over: redirect or wait, never drop.
+CLUSTER_TRANSIENT_REPLIES = ("MOVED", "ASK")
+
+
+def _transient(reply: ResponseError) -> bool:
+    """redis-py strips the error code from the message of the errors it has a class for
+    (READONLY, CLUSTERDOWN...) and keeps it in `status_code`; match both."""
+    code = getattr(reply, "status_code", None) or str(reply).split(" ", 1)[0]
+    return code in TRANSIENT_REPLIES or code in CLUSTER_TRANSIENT_REPLIES
 
 
 class HiredisPackingConnection(Connection):
@@ -86,7 +96,7 @@ class RedisStreamsPublisher:
         self._prefix = settings.key_prefix
         self._spool = Spool(settings.spool_dir) if settings.spool_dir is not None else None
         self._buffer = OutageBuffer(settings.outage_buffer_events, spooling=self._spool is not None)
-        self._client: aioredis.Redis | None = None
+        self._client: AnyRedis | None = None
         self._sender: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._progress = asyncio.Event()  # replaced after each set: a broadcast per write
@@ -124,7 +134,9 @@ class RedisStreamsPublisher:
 
     async def start(self) -> None:
         """Connect and start the sender. Redis being down is not an error: events wait."""
-        self._client = aioredis.from_url(
+        # A redis+cluster:// URL gives a cluster client (see connect.py): every command here
+        # is single-key, so the pipeline may be split across masters by slot.
+        self._client = connect(
             self._settings.redis_url,
             socket_timeout=SOCKET_TIMEOUT_SEC,
             socket_connect_timeout=SOCKET_TIMEOUT_SEC,
@@ -223,6 +235,7 @@ class RedisStreamsPublisher:
                     await self._ping()
             except (RedisError, OSError) as exc:
                 self._failed(exc)
+                await self._forget_topology()
                 await asyncio.sleep(backoff)
                 backoff = min(BACKOFF_MAX_SEC, backoff * 2)
                 continue
@@ -264,7 +277,7 @@ class RedisStreamsPublisher:
         rejected: dict[int, ResponseError] = {}
         for index, reply in zip(commands, replies, strict=True):
             if isinstance(reply, ResponseError):
-                if str(reply).startswith(TRANSIENT_REPLIES):
+                if _transient(reply):
                     raise reply
                 rejected.setdefault(index, reply)
             elif isinstance(reply, Exception):
@@ -299,6 +312,14 @@ class RedisStreamsPublisher:
         if event.type == EventType.CALL_ENDED:
             commands.append(("EXPIRE", key, settings.call_ttl_sec))
         return commands
+
+    async def _forget_topology(self) -> None:
+        """After a failed write to a cluster, rediscover which master owns which slot: the
+        cluster client refreshes it by itself only on its own retries, and ours are here
+        (a dead master's slots go to its replica after the failover)."""
+        if isinstance(self._client, RedisCluster):
+            with contextlib.suppress(RedisError, OSError):
+                await self._client.aclose()
 
     async def _ping(self) -> None:
         assert self._client is not None

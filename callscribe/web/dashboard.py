@@ -25,7 +25,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response, StreamingResponse
@@ -34,6 +33,7 @@ from starlette.staticfiles import StaticFiles
 
 from callscribe.events import TranscriptEvent
 from callscribe.metrics import Metrics
+from callscribe.publish.connect import AnyRedis, connect
 from callscribe.publish.redis_streams import call_stream_key, calls_stream_key
 from callscribe.settings import Settings
 from callscribe.web.app import error
@@ -80,14 +80,15 @@ class Dashboard:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.redis: aioredis.Redis | None = None
+        self.redis: AnyRedis | None = None
         self.closing = asyncio.Event()
         self.open_streams = 0
         self._no_streams = asyncio.Event()
         self._no_streams.set()
 
     async def start(self) -> None:
-        self.redis = aioredis.from_url(self.settings.redis_url, decode_responses=True)
+        # Each SSE stream reads one key, so the same code serves a single Redis and a cluster.
+        self.redis = connect(self.settings.redis_url, decode_responses=True)
 
     async def stop(self) -> None:
         # Open streams end within one XREAD block, before the HTTP server's graceful shutdown

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from callscribe.bridge.events import DropReason
+from callscribe.bridge.events import DropReason, EndReason
 from callscribe.bridge.limits import AtCapacity, LegConflict
 from callscribe.bridge.rtp.ports import ReservedLeg
 from callscribe.bridge.sip.events import DialogEnded, DialogEndReason, InviteReceived
@@ -31,6 +31,7 @@ class PortBook:
         self.free = [30000 + 2 * n for n in range(ports)]
         self.open: dict[str, tuple[str, str, str, dict[int, str], int]] = {}
         self.released: list[str] = []
+        self.reasons: list[EndReason] = []
         self.conflict_on: str | None = None
         self._next = 0
 
@@ -52,12 +53,13 @@ class PortBook:
         self.open[leg_id] = (call_id, leg, codec, dict(payload_types or {}), port)
         return ReservedLeg(leg_id, "0.0.0.0", port)
 
-    async def release(self, leg_id: str) -> bool:
+    async def release(self, leg_id: str, reason: EndReason = EndReason.RELEASED) -> bool:
         call = self.open.pop(leg_id, None)
         if call is None:
             return False
         self.free.append(call[4])
         self.released.append(leg_id)
+        self.reasons.append(reason)
         return True
 
 
@@ -203,6 +205,7 @@ async def test_bye_and_shutdown_release_every_leg() -> None:
     assert parse_name_addr(ok.headers.get("to") or "").tag
     await rig.handler.on_ended(DialogEnded(dialog_id, DialogEndReason.BYE))
     assert not rig.ports.open and len(rig.ports.released) == 2 and rig.handler.active_calls == 0
+    assert rig.ports.reasons == [EndReason.HANGUP, EndReason.HANGUP]  # the peer's BYE is a hangup
     await rig.invite(plain_invite())
     await rig.handler.close()
     assert not rig.ports.open and not rig.handler.sessions

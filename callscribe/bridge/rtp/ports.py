@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from callscribe.bridge.events import EndReason
+
 
 @dataclass(frozen=True, slots=True)
 class ReservedLeg:
@@ -24,4 +26,4 @@ class RtpPorts(Protocol):
         payload_types: dict[int, str] | None = None,
     ) -> ReservedLeg: ...
 
-    async def release(self, leg_id: str) -> object: ...
+    async def release(self, leg_id: str, reason: EndReason = EndReason.RELEASED) -> object: ...

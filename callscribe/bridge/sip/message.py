@@ -421,6 +421,12 @@ def build_response(
             if name == "to" and to_tag and "tag=" not in value.split(">")[-1]:
                 value = f"{value};tag={to_tag}"
             out.add(name, value)
+    if 100 < status < 300:
+        # RFC 3261 §12.1.1: a proxy that record-routed (Kamailio, an SBC) stays in the dialog
+        # (sees the ACK and the BYE) only if the UAS copies Record-Route, in order, into the
+        # responses that set the dialog up.
+        for value in request.headers.get_all("record-route"):
+            out.add("record-route", value)
     for name, value in headers:
         out.add(name, value)
     return SipResponse(out, body, status=status, reason=reason or REASONS.get(status, "Unknown"))

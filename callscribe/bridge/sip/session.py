@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from callscribe.bridge.events import CALLER, DropReason
+from callscribe.bridge.events import CALLER, DropReason, EndReason
 from callscribe.bridge.limits import AtCapacity, LegConflict
 from callscribe.bridge.rtp.ports import ReservedLeg, RtpPorts
 from callscribe.bridge.sip.auth import AuthVerdict, DigestAuthenticator
@@ -62,6 +62,15 @@ PLAIN_CALL_LEG = CALLER
 LEG_HEADER = "X-Callscribe-Leg"
 CALL_ID_HEADER = "X-Callscribe-Call-ID"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}$")
+
+
+# What a dialog's end means for its legs: the peer's BYE is a hangup like any other ingest's.
+LEG_END_REASONS = {
+    DialogEndReason.BYE: EndReason.HANGUP,
+    DialogEndReason.NO_ACK: EndReason.PROTOCOL_ERROR,
+    DialogEndReason.NO_CODEC: EndReason.PROTOCOL_ERROR,
+    DialogEndReason.SHUTDOWN: EndReason.SHUTDOWN,
+}
 
 
 class Rejected(Exception):
@@ -459,14 +468,14 @@ class SipCallHandler:
         session = self.sessions.pop(event.dialog_id, None)
         if session is not None:
             log.info("SIP session ended call_id=%s reason=%s", session.call_id, event.reason)
-            await self._release(session)
+            await self._release(session, LEG_END_REASONS[event.reason])
 
-    async def _release(self, session: SipSession) -> None:
+    async def _release(self, session: SipSession, reason: EndReason = EndReason.RELEASED) -> None:
         for stream in session.streams:
             if stream.reserved is not None:
                 reserved, stream.reserved = stream.reserved, None
                 try:
-                    await self.rtp.release(reserved.leg_id)
+                    await self.rtp.release(reserved.leg_id, reason)
                 except Exception:  # one failing release must not keep the others open
                     log.exception("releasing leg %s failed", reserved.leg_id)
 
