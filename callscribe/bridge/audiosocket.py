@@ -6,6 +6,9 @@ the 16 raw bytes of the call's UUID, the only identity the connection has. Audio
 16-bit little-endian mono PCM: kind 0x10 at 8 kHz (the AudioSocket() dialplan application),
 0x11-0x18 at 12/16/24/32/44.1/48/96/192 kHz (channel driver, Asterisk 20.17/21.12/22.7+).
 0x03 carries one ASCII DTMF digit, 0xff an error (optional code byte), 0x00 a hangup.
+Asterisk itself never sends 0x00: on a hangup `apps/app_audiosocket.c` just closes the socket,
+so a close between whole frames is the call's hangup; a close in the middle of a frame, or a
+reset, is a lost connection.
 
 `AudioSocketParser` is the sans-IO core (bytes in, events out, frames split across reads
 reassembled); `AudioSocketServer` is the asyncio shell that feeds a leg per connection.
@@ -113,6 +116,11 @@ class AudioSocketParser:
         self.ended = False
         self._buffer = bytearray()
         self._skip = 0  # payload bytes of an oversized frame still to read past
+
+    @property
+    def mid_frame(self) -> bool:
+        """Part of a frame has arrived and the rest has not."""
+        return bool(self._buffer) or self._skip > 0
 
     def receive_data(self, data: bytes) -> list[AudioSocketEvent]:
         if self.ended:
@@ -288,7 +296,10 @@ class AudioSocketConnection:
                     )
                     break
                 if not data:
-                    reason = "disconnect" if not self.parser.ended else "hangup"
+                    # Asterisk's hangup is a close after a whole frame (see the module docstring).
+                    parser = self.parser
+                    clean = parser.ended or (parser.call_id is not None and not parser.mid_frame)
+                    reason = "hangup" if clean else "disconnect"
                     break
                 try:
                     events = self.parser.receive_data(data)

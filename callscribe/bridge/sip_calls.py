@@ -81,7 +81,7 @@ class RtpPorts(Protocol):
         payload_types: dict[int, str] | None = None,
     ) -> ReservedLeg: ...
 
-    async def release(self, leg_id: str) -> object: ...
+    async def release(self, leg_id: str, reason: str = "released") -> object: ...
 
 
 class Rejected(Exception):
@@ -478,14 +478,15 @@ class SipCallHandler:
         session = self.sessions.pop(event.dialog_id, None)
         if session is not None:
             log.info("SIP session ended call_id=%s reason=%s", session.call_id, event.reason)
-            await self._release(session)
+            # The dialog's end (bye, no_ack, shutdown) is the legs' end reason subscribers see.
+            await self._release(session, event.reason)
 
-    async def _release(self, session: SipSession) -> None:
+    async def _release(self, session: SipSession, reason: str = "released") -> None:
         for stream in session.streams:
             if stream.reserved is not None:
                 reserved, stream.reserved = stream.reserved, None
                 try:
-                    await self.rtp.release(reserved.leg_id)
+                    await self.rtp.release(reserved.leg_id, reason)
                 except Exception:  # one failing release must not keep the others open
                     log.exception("releasing leg %s failed", reserved.leg_id)
 

@@ -186,19 +186,20 @@ class RtpIngest:
         log.info("rtp leg reserved call_id=%s leg=%s codec=%s port=%d", call_id, leg, spec.name, media_port)
         return ReservedLeg(opened.leg_id, host, media_port)
 
-    async def release(self, leg_id: str) -> bool:
-        """End a leg (reason released) once its last final is out; False if unknown."""
+    async def release(self, leg_id: str, reason: str = "released") -> bool:
+        """End a leg (with `reason`, "released" for the legs API) once its last final is out;
+        False if unknown."""
         media = self._legs.get(leg_id)
         if media is None:
             # Possibly ending already (idle timeout): wait for its last final all the same.
             leg = self._registry.get(leg_id)
             if leg is None:
                 return False
-            await leg.close("released")
+            await leg.close(reason)
             return True
         self._emit(media, media.receiver.flush())
         self._forget(media)
-        await media.leg.close("released")
+        await media.leg.close(reason)
         return True
 
     async def _bind_leg_port(self) -> tuple[asyncio.DatagramTransport, int]:

@@ -14,8 +14,11 @@ For every channel that enters the Stasis application `callscribe` (see extension
 ExternalMedia RTP has no call id on the wire: callscribe knows each leg by the port it handed
 out. Needs only the Python standard library and `websockets` (installed with callscribe).
 
-    CALLSCRIBE_URL=http://127.0.0.1:8080 ARI_URL=http://127.0.0.1:8088 \
+    CALLSCRIBE_URL=http://127.0.0.1:8080 CALLSCRIBE_API_TOKEN=... ARI_URL=http://127.0.0.1:8088 \
     ARI_USER=callscribe ARI_PASSWORD=change-me python3 ari_external_media.py
+
+CALLSCRIBE_API_TOKEN is callscribe's `api_token` (sent as a bearer token on /v1/legs); leave
+it unset when callscribe runs without one.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Any
 from websockets.asyncio.client import connect
 
 CALLSCRIBE = os.environ.get("CALLSCRIBE_URL", "http://127.0.0.1:8080")
+CALLSCRIBE_TOKEN = os.environ.get("CALLSCRIBE_API_TOKEN") or None
 ARI = os.environ.get("ARI_URL", "http://127.0.0.1:8088")
 ARI_USER = os.environ.get("ARI_USER", "callscribe")
 ARI_PASSWORD = os.environ.get("ARI_PASSWORD", "change-me")
@@ -46,15 +50,27 @@ DIRECTIONS = (("caller", "in"), ("agent", "out"))
 log = logging.getLogger("callscribe-ari")
 
 
-def http(method: str, url: str, body: dict[str, Any] | None = None, auth: str | None = None) -> Any:
+def http(
+    method: str,
+    url: str,
+    body: dict[str, Any] | None = None,
+    auth: str | None = None,
+    bearer: str | None = None,
+) -> Any:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method=method)
     request.add_header("Content-Type", "application/json")
     if auth:
         request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    elif bearer:
+        request.add_header("Authorization", f"Bearer {bearer}")
     with urllib.request.urlopen(request, timeout=10) as response:
         payload = response.read()
     return json.loads(payload) if payload else None
+
+
+def callscribe(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    return http(method, f"{CALLSCRIBE}/v1/{path}", body, bearer=CALLSCRIBE_TOKEN)
 
 
 def ari(method: str, path: str, **params: str) -> Any:
@@ -80,9 +96,7 @@ def start(channel: dict[str, Any]) -> Transcription:
     }
     job = Transcription(call_id)
     for leg, spy in DIRECTIONS:
-        reserved = http(
-            "POST", f"{CALLSCRIBE}/v1/legs", {"call_id": call_id, "leg": leg, "codec": "pcmu", "meta": meta}
-        )
+        reserved = callscribe("POST", "legs", {"call_id": call_id, "leg": leg, "codec": "pcmu", "meta": meta})
         job.leg_ids.append(reserved["leg_id"])
         snoop = ari("POST", f"channels/{call_id}/snoop", spy=spy, whisper="none", app=APP, appArgs=INTERNAL)
         media = ari(
@@ -115,7 +129,7 @@ def stop(job: Transcription) -> None:
             ari("DELETE", f"bridges/{bridge_id}")
     for leg_id in job.leg_ids:
         try:
-            http("DELETE", f"{CALLSCRIBE}/v1/legs/{leg_id}")  # returns once the last final is out
+            callscribe("DELETE", f"legs/{leg_id}")  # returns once the last final is out
         except Exception as exc:
             log.warning("leg %s: %s", leg_id, exc)
     log.info("call %s done", job.channel_id)
