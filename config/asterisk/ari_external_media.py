@@ -8,8 +8,9 @@ For every channel that enters the Stasis application `callscribe` (see extension
      the agent side), bridges each snoop with an ExternalMedia channel that sends μ-law RTP
      to the port callscribe gave,
   3. sends the channel on to the dialplan ([callscribe-continue]) so the call goes ahead,
-  4. when the channel hangs up, tears the snoops down and DELETEs the legs (their last
-     finals are published before callscribe answers 204).
+  4. when the channel hangs up (the script subscribes to it, so ChannelDestroyed arrives after
+     it has left Stasis), tears the snoops down and DELETEs the legs (their last finals are
+     published before callscribe answers 204).
 
 ExternalMedia RTP has no call id on the wire: callscribe knows each leg by the port it handed
 out. Needs only the Python standard library and `websockets` (installed with callscribe).
@@ -115,6 +116,10 @@ def start(channel: dict[str, Any]) -> Transcription:
         job.channels += [snoop["id"], media["id"]]
         job.bridges.append(bridge["id"])
         log.info("call %s leg %s → %s:%s", call_id, leg, reserved["rtp_host"], reserved["rtp_port"])
+    # Once the channel leaves Stasis (continue), the application stops hearing about it unless
+    # it subscribes: without this, its ChannelDestroyed never arrives and the legs end only by
+    # callscribe's idle timeout.
+    ari("POST", f"applications/{APP}/subscription", eventSource=f"channel:{call_id}")
     exten = channel.get("dialplan", {}).get("exten", "s")
     ari("POST", f"channels/{call_id}/continue", context=CONTINUE_CONTEXT, extension=exten, priority="1")
     return job

@@ -32,6 +32,7 @@ from tests.support import AUDIO_DIR, free_port, serve_command
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "config" / "asterisk"
+EXAMPLE_TOML = REPO / "config" / "callscribe.example.toml"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 # How long the slow parts may take on a loaded 2-core machine.
 BUILD_TIMEOUT_S = 3600
@@ -314,8 +315,9 @@ ServeFactory = Callable[..., Awaitable[Callscribe]]
 
 @pytest.fixture
 async def serve(key_prefix: str, tmp_path: Path) -> AsyncIterator[ServeFactory]:
-    """`await serve(CALLSCRIBE_X="...")`: a real `callscribe serve` (embedded sphinx engine,
-    this test's Redis key prefix, free ports) with those settings in its environment, ready."""
+    """`await serve(CALLSCRIBE_X="...")`: a real `callscribe serve` from the shipped
+    config/callscribe.example.toml (embedded sphinx engine; this test's Redis key prefix,
+    loopback addresses and free ports) with those settings in its environment, ready."""
     started: list[Callscribe] = []
 
     async def start(**settings: str) -> Callscribe:
@@ -325,11 +327,16 @@ async def serve(key_prefix: str, tmp_path: Path) -> AsyncIterator[ServeFactory]:
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": os.environ.get("HOME", "/root"),
+            "CALLSCRIBE_HTTP_HOST": "127.0.0.1",
+            "CALLSCRIBE_RTP_HOST": "127.0.0.1",
             "CALLSCRIBE_AUDIOSOCKET_PORT": str(audiosocket_port),
             "CALLSCRIBE_SIP_PORT": str(sip_port),
             **settings,
         }
-        command = serve_command(REDIS_URL, key_prefix, http_port, free_port(), "--engine", "sphinx")
+        # The shipped example settings, with addresses and ports of this test substituted.
+        command = serve_command(
+            REDIS_URL, key_prefix, http_port, free_port(), "--engine", "sphinx", "--config", str(EXAMPLE_TOML)
+        )
         with log.open("wb") as out:
             process = subprocess.Popen(  # noqa: ASYNC220 - started once, before the test's I/O
                 command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT

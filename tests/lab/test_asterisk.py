@@ -283,9 +283,8 @@ async def test_ari_external_media_two_party_call(
     ended_promptly(events, hung_up_at, {"released"}, record_property, "ari")
 
 
-async def test_pjsip_trunk_two_party_chanspy_fork_with_digest_auth(
-    asterisk: Asterisk, serve: ServeFactory, call_log: CallLog, tmp_path: Path, record_property: object
-) -> None:
+async def start_sip_trunk(asterisk: Asterisk, serve: ServeFactory, tmp_path: Path) -> None:
+    """callscribe's SIP server with digest auth on, Asterisk with the shipped trunk to it."""
     password = secrets.token_urlsafe(16)
     bridge = await serve(
         CALLSCRIBE_SIP_ENABLED="true",
@@ -307,6 +306,40 @@ async def test_pjsip_trunk_two_party_chanspy_fork_with_digest_auth(
     asterisk.start()
     await asterisk.acli("pjsip set history on")
 
+
+def challenged(history: str) -> None:
+    """callscribe challenged the INVITE and Asterisk answered with the shipped credentials."""
+    assert re.search(r"SIP/2.0 401", history), history[-3000:]
+    assert re.search(r'Authorization: Digest username="asterisk"', history), history[-3000:]
+
+
+async def test_pjsip_trunk_direct_call_with_digest_auth_and_dtmf(
+    asterisk: Asterisk, serve: ServeFactory, call_log: CallLog, tmp_path: Path, record_property: object
+) -> None:
+    await start_sip_trunk(asterisk, serve, tmp_path)
+
+    await asterisk.acli("channel originate Local/400@callscribe-direct extension s@lab-caller-phone")
+    await asterisk.wait_db("lab", "caller")
+    await call_log.wait_settled(legs=1)
+    hung_up_at = await asterisk.hangup_all()
+    calls = await call_log.wait(lambda c: len(leg_events(c, EventType.LEG_ENDED)) >= 1, "leg.ended")
+    challenged(await asterisk.acli("pjsip show history"))
+
+    assert len(calls) == 1, f"one call expected, got {list(calls)}"
+    [(call_id, events)] = calls.items()
+    assert re.fullmatch(r"\d+\.\d+", call_id), f"call id {call_id!r} is not X-Callscribe-Call-ID (UNIQUEID)"
+    assert [e.leg for e in events if e.type == EventType.LEG_STARTED] == ["caller"]
+    # dtmf_mode=rfc4733 on the trunk: SendDTMF reaches callscribe as telephone-events.
+    assert [e.text for e in events if e.type == EventType.DTMF] == list(DIGITS)
+    heard(events, "caller", CALLER, record_property, "sip_direct")
+    ended_promptly(events, hung_up_at, {"bye"}, record_property, "sip_direct")
+
+
+async def test_pjsip_trunk_two_party_chanspy_fork_with_digest_auth(
+    asterisk: Asterisk, serve: ServeFactory, call_log: CallLog, tmp_path: Path, record_property: object
+) -> None:
+    await start_sip_trunk(asterisk, serve, tmp_path)
+
     await asterisk.acli("channel originate Local/200@callscribe-example-inbound extension s@lab-caller-phone")
     await asterisk.wait_db("lab", "caller")
     await asterisk.wait_db("lab", "agent")
@@ -315,8 +348,7 @@ async def test_pjsip_trunk_two_party_chanspy_fork_with_digest_auth(
     calls = await call_log.wait(lambda c: len(leg_events(c, EventType.LEG_ENDED)) >= 2, "both leg.ended")
     history = await asterisk.acli("pjsip show history")
 
-    # callscribe challenged the INVITEs and Asterisk answered with the shipped credentials.
-    assert re.search(r"SIP/2.0 401", history), history[-3000:]
+    challenged(history)
     assert len(calls) == 1, f"the two forks must be one call (X-Callscribe-Call-ID), got {list(calls)}"
     [(call_id, events)] = calls.items()
     assert re.fullmatch(r"\d+\.\d+", call_id), f"call id {call_id!r} is not the inbound channel's UNIQUEID"

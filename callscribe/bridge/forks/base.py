@@ -26,6 +26,9 @@ class ForkParser(ABC):
     subprotocols: ClassVar[tuple[str, ...]] = ()
     # Whether the start message can carry the auth token (for senders that cannot set headers).
     in_band_token: ClassVar[bool] = False
+    # Whether the sender hangs up by closing the socket (no stop message in the protocol): a
+    # close frame from it then ends the legs as "hangup", a dropped connection as "disconnect".
+    close_is_hangup: ClassVar[bool] = False
 
     def __init__(self, params: Mapping[str, str] | None = None) -> None:
         self.params: Mapping[str, str] = params or {}

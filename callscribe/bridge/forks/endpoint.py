@@ -39,12 +39,19 @@ CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_UNSUPPORTED = 1003
 CLOSE_POLICY = 1008
 CLOSE_TRY_LATER = 1013
+# Reported, never sent: the connection ended without a close frame.
+CLOSE_ABNORMAL = 1006
 REPLY_DRAIN_SEC = 5.0
 
 
 class ForkConnection(Protocol):
     async def receive(self) -> str | bytes | None:
         """The next message; None once the peer has gone."""
+
+    @property
+    def peer_close_code(self) -> int | None:
+        """Once receive() returned None: the code of the peer's close frame, CLOSE_ABNORMAL
+        when the connection dropped without one, None when it is unknown."""
 
     async def send_text(self, text: str) -> None: ...
 
@@ -110,6 +117,9 @@ class ForkSession:
             while True:
                 message = await connection.receive()
                 if message is None:
+                    code = connection.peer_close_code
+                    if self.parser.close_is_hangup and code is not None and code != CLOSE_ABNORMAL:
+                        ended = StreamEnded(CLOSE_NORMAL, "", "hangup")
                     break
                 events = self._parse(message)
                 self._apply(events)
