@@ -85,7 +85,11 @@ def phone_wav(name: str, folder: Path) -> Path:
 def tail(path: Path, lines: int = 60) -> str:
     if not path.is_file():
         return f"({path} does not exist)"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    # The lab's own `asterisk -rx` polls would fill the tail of Asterisk's console.
+    kept = [
+        line for line in path.read_text(errors="replace").splitlines() if "Remote UNIX connection" not in line
+    ]
+    return "\n".join(kept[-lines:])
 
 
 # -- Asterisk ----------------------------------------------------------------------------

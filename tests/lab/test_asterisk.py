@@ -31,6 +31,7 @@ from tests.lab.conftest import (
     SHIPPED,
     Asterisk,
     CallLog,
+    Callscribe,
     ServeFactory,
     leg_events,
     phone_wav,
@@ -283,7 +284,7 @@ async def test_ari_external_media_two_party_call(
     ended_promptly(events, hung_up_at, {"released"}, record_property, "ari")
 
 
-async def start_sip_trunk(asterisk: Asterisk, serve: ServeFactory, tmp_path: Path) -> None:
+async def start_sip_trunk(asterisk: Asterisk, serve: ServeFactory, tmp_path: Path) -> Callscribe:
     """callscribe's SIP server with digest auth on, Asterisk with the shipped trunk to it."""
     password = secrets.token_urlsafe(16)
     bridge = await serve(
@@ -305,25 +306,35 @@ async def start_sip_trunk(asterisk: Asterisk, serve: ServeFactory, tmp_path: Pat
     shipped_dialplan(asterisk)
     asterisk.start()
     await asterisk.acli("pjsip set history on")
+    return bridge
 
 
-def challenged(history: str) -> None:
-    """callscribe challenged the INVITE and Asterisk answered with the shipped credentials."""
-    assert re.search(r"SIP/2.0 401", history), history[-3000:]
-    assert re.search(r'Authorization: Digest username="asterisk"', history), history[-3000:]
+async def assert_challenged(asterisk: Asterisk, sip_port: int) -> None:
+    """callscribe challenged an INVITE (401) and Asterisk sent it again with the shipped
+    credentials, which callscribe accepted (200): read from Asterisk's own SIP history."""
+    history = await asterisk.acli("pjsip show history")
+    to_callscribe = [
+        (line.split()[0], line) for line in history.splitlines() if f"127.0.0.1:{sip_port} " in line
+    ]
+    challenge = next((i for i, (_n, line) in enumerate(to_callscribe) if "401 Unauthorized" in line), None)
+    assert challenge is not None, f"callscribe never challenged:\n{history[-3000:]}"
+    retry = next(n for n, line in to_callscribe[challenge:] if "==>" in line and "INVITE sip:" in line)
+    assert any("200 OK" in line for _n, line in to_callscribe[challenge:]), history[-3000:]
+    entry = await asterisk.acli(f"pjsip show history entry {int(retry)}")
+    assert re.search(r'Authorization: Digest .*username="asterisk"', entry), entry
 
 
 async def test_pjsip_trunk_direct_call_with_digest_auth_and_dtmf(
     asterisk: Asterisk, serve: ServeFactory, call_log: CallLog, tmp_path: Path, record_property: object
 ) -> None:
-    await start_sip_trunk(asterisk, serve, tmp_path)
+    bridge = await start_sip_trunk(asterisk, serve, tmp_path)
 
     await asterisk.acli("channel originate Local/400@callscribe-direct extension s@lab-caller-phone")
     await asterisk.wait_db("lab", "caller")
     await call_log.wait_settled(legs=1)
     hung_up_at = await asterisk.hangup_all()
     calls = await call_log.wait(lambda c: len(leg_events(c, EventType.LEG_ENDED)) >= 1, "leg.ended")
-    challenged(await asterisk.acli("pjsip show history"))
+    await assert_challenged(asterisk, bridge.sip_port)
 
     assert len(calls) == 1, f"one call expected, got {list(calls)}"
     [(call_id, events)] = calls.items()
@@ -338,7 +349,7 @@ async def test_pjsip_trunk_direct_call_with_digest_auth_and_dtmf(
 async def test_pjsip_trunk_two_party_chanspy_fork_with_digest_auth(
     asterisk: Asterisk, serve: ServeFactory, call_log: CallLog, tmp_path: Path, record_property: object
 ) -> None:
-    await start_sip_trunk(asterisk, serve, tmp_path)
+    bridge = await start_sip_trunk(asterisk, serve, tmp_path)
 
     await asterisk.acli("channel originate Local/200@callscribe-example-inbound extension s@lab-caller-phone")
     await asterisk.wait_db("lab", "caller")
@@ -346,9 +357,8 @@ async def test_pjsip_trunk_two_party_chanspy_fork_with_digest_auth(
     await call_log.wait_settled(legs=2)
     hung_up_at = await asterisk.hangup_all()
     calls = await call_log.wait(lambda c: len(leg_events(c, EventType.LEG_ENDED)) >= 2, "both leg.ended")
-    history = await asterisk.acli("pjsip show history")
+    await assert_challenged(asterisk, bridge.sip_port)
 
-    challenged(history)
     assert len(calls) == 1, f"the two forks must be one call (X-Callscribe-Call-ID), got {list(calls)}"
     [(call_id, events)] = calls.items()
     assert re.fullmatch(r"\d+\.\d+", call_id), f"call id {call_id!r} is not the inbound channel's UNIQUEID"
