@@ -36,7 +36,7 @@ class StarletteForkConnection:
         except RuntimeError:
             return None
         if message["type"] == "websocket.disconnect":
-            # ASGI: the peer's close code, 1006 when the connection dropped without a close frame.
+            # ASGI: the peer's close code; 1005/1006 when it sent none or the connection dropped.
             self.peer_close_code = int(message.get("code", 1005))
             return None
         if message.get("bytes") is not None:

@@ -39,7 +39,9 @@ CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_UNSUPPORTED = 1003
 CLOSE_POLICY = 1008
 CLOSE_TRY_LATER = 1013
-# Reported, never sent: the connection ended without a close frame.
+# Reported, never sent: no code in the peer's close frame, or (uvicorn reports 1005 for this
+# too once the handshake is done) the connection dropped without a close frame.
+CLOSE_NO_STATUS = 1005
 CLOSE_ABNORMAL = 1006
 REPLY_DRAIN_SEC = 5.0
 
@@ -50,8 +52,8 @@ class ForkConnection(Protocol):
 
     @property
     def peer_close_code(self) -> int | None:
-        """Once receive() returned None: the code of the peer's close frame, CLOSE_ABNORMAL
-        when the connection dropped without one, None when it is unknown."""
+        """Once receive() returned None: the code of the peer's close frame; CLOSE_NO_STATUS
+        or CLOSE_ABNORMAL when it sent none (or dropped); None when it is unknown."""
 
     async def send_text(self, text: str) -> None: ...
 
@@ -118,7 +120,8 @@ class ForkSession:
                 message = await connection.receive()
                 if message is None:
                     code = connection.peer_close_code
-                    if self.parser.close_is_hangup and code is not None and code != CLOSE_ABNORMAL:
+                    sent_code = code is not None and code not in (CLOSE_NO_STATUS, CLOSE_ABNORMAL)
+                    if self.parser.close_is_hangup and sent_code:
                         ended = StreamEnded(CLOSE_NORMAL, "", "hangup")
                     break
                 events = self._parse(message)
