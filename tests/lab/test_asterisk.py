@@ -16,6 +16,7 @@ import re
 import secrets
 import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -44,6 +45,8 @@ CALLER, AGENT = "librivox-0870", "librivox-0890"
 DIGITS = "42"
 # The bound: the leg ends this soon after the PBX hangs up (idle timeout is 10 s).
 HANGUP_BUDGET_S = 2.0
+# pytest's record_property: the figures scripts/test-lab.sh prints.
+Record = Callable[[str, object], None]
 
 
 def distinctive(clip: str, other: str) -> set[str]:
@@ -133,29 +136,29 @@ def shipped_dialplan(asterisk: Asterisk, audiosocket_port: int = 9092) -> None:
     asterisk.write("callscribe/extensions_callscribe.conf", shipped("extensions_callscribe.conf"))
 
 
-def heard(events: list[TranscriptEvent], leg: str, clip: str, record: object, tag: str) -> str:
+def heard(events: list[TranscriptEvent], leg: str, clip: str, record: Record, tag: str) -> str:
     text = finals_text(events, leg)
     reference = load_clip(clip).reference
     wer = float(jiwer.wer(reference, text)) if text else 1.0
-    record(f"wer_{tag}", f"{wer:.2f}")  # type: ignore[operator]
+    record(f"wer_{tag}", f"{wer:.2f}")
     assert_heard(text, reference)
     return text
 
 
 def ended_promptly(
-    events: list[TranscriptEvent], hung_up_at: float, reasons: set[str], record: object, tag: str
+    events: list[TranscriptEvent], hung_up_at: float, reasons: set[str], record: Record, tag: str
 ) -> None:
     ended = [e for e in events if e.type == EventType.LEG_ENDED]
     assert ended, "no leg.ended"
     for event in ended:
         latency = event.ts / 1000 - hung_up_at
-        record(f"hangup_to_leg_ended_s_{tag}_{event.leg}", f"{latency:.3f}")  # type: ignore[operator]
+        record(f"hangup_to_leg_ended_s_{tag}_{event.leg}", f"{latency:.3f}")
         assert event.meta["reason"] in reasons, f"leg {event.leg} ended with {event.meta}, expected {reasons}"
         assert latency <= HANGUP_BUDGET_S, f"leg {event.leg} ended {latency:.2f} s after the hangup"
 
 
 async def test_audiosocket_from_a_local_channel(
-    asterisk: Asterisk, serve: ServeFactory, call_log: CallLog, tmp_path: Path, record_property: object
+    asterisk: Asterisk, serve: ServeFactory, call_log: CallLog, tmp_path: Path, record_property: Record
 ) -> None:
     bridge = await serve()
     asterisk.write("extensions.conf", lab_dialplan(tmp_path, with_agent=False))
@@ -184,7 +187,7 @@ async def test_chan_websocket_dial(
     serve: ServeFactory,
     call_log: CallLog,
     tmp_path: Path,
-    record_property: object,
+    record_property: Record,
     auth: bool,
 ) -> None:
     token = secrets.token_urlsafe(16)
@@ -227,7 +230,7 @@ async def test_chan_websocket_dial(
 
 
 async def test_ari_external_media_two_party_call(
-    asterisk: Asterisk, serve: ServeFactory, call_log: CallLog, tmp_path: Path, record_property: object
+    asterisk: Asterisk, serve: ServeFactory, call_log: CallLog, tmp_path: Path, record_property: Record
 ) -> None:
     api_token, ari_password = secrets.token_urlsafe(16), secrets.token_urlsafe(12)
     bridge = await serve(CALLSCRIBE_API_TOKEN=api_token)
@@ -325,7 +328,7 @@ async def assert_challenged(asterisk: Asterisk, sip_port: int) -> None:
 
 
 async def test_pjsip_trunk_direct_call_with_digest_auth_and_dtmf(
-    asterisk: Asterisk, serve: ServeFactory, call_log: CallLog, tmp_path: Path, record_property: object
+    asterisk: Asterisk, serve: ServeFactory, call_log: CallLog, tmp_path: Path, record_property: Record
 ) -> None:
     bridge = await start_sip_trunk(asterisk, serve, tmp_path)
 
@@ -347,7 +350,7 @@ async def test_pjsip_trunk_direct_call_with_digest_auth_and_dtmf(
 
 
 async def test_pjsip_trunk_two_party_chanspy_fork_with_digest_auth(
-    asterisk: Asterisk, serve: ServeFactory, call_log: CallLog, tmp_path: Path, record_property: object
+    asterisk: Asterisk, serve: ServeFactory, call_log: CallLog, tmp_path: Path, record_property: Record
 ) -> None:
     bridge = await start_sip_trunk(asterisk, serve, tmp_path)
 
