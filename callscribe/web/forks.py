@@ -27,13 +27,19 @@ class StarletteForkConnection:
 
     def __init__(self, websocket: WebSocket) -> None:
         self.websocket = websocket
+        self.peer_close_code: int | None = None
 
     async def receive(self) -> str | bytes | None:
         try:
             message = await self.websocket.receive()
-        except (WebSocketDisconnect, RuntimeError):
+        except WebSocketDisconnect as exc:
+            self.peer_close_code = exc.code
+            return None
+        except RuntimeError:
             return None
         if message["type"] == "websocket.disconnect":
+            # ASGI: the peer's close code; 1005/1006 when it sent none or the connection dropped.
+            self.peer_close_code = int(message.get("code", CloseCode.NO_STATUS))
             return None
         if message.get("bytes") is not None:
             return bytes(message["bytes"])

@@ -169,3 +169,17 @@ def test_garbage_before_uuid_is_refused_or_waited_for(data: bytes) -> None:
         return
     # Accepted only while no complete header has arrived, or when it is a UUID frame.
     assert len(data) < 3 or data[0] == 0x01
+
+
+def test_mid_frame_tells_a_clean_close_from_a_cut_one() -> None:
+    # Asterisk hangs up by closing the socket after a whole frame (no 0x00 frame): only a
+    # close with part of a frame buffered (or an oversized one being skipped) is a cut.
+    parser = AudioSocketParser(max_payload=16)
+    parser.receive_data(frame(0x01, CALL.bytes) + frame(0x10, b"\x00\x00"))
+    assert not parser.mid_frame
+    parser.receive_data(frame(0x10, b"\x00\x00\x00\x00")[:4])
+    assert parser.mid_frame
+    parser.receive_data(b"\x00\x00\x00")
+    assert not parser.mid_frame
+    parser.receive_data(frame(0x10, bytes(40))[:10])  # oversized: its payload is being skipped
+    assert parser.mid_frame

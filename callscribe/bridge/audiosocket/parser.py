@@ -6,6 +6,9 @@ the 16 raw bytes of the call's UUID, the only identity the connection has. Audio
 16-bit little-endian mono PCM: kind 0x10 at 8 kHz (the AudioSocket() dialplan application),
 0x11-0x18 at 12/16/24/32/44.1/48/96/192 kHz (channel driver, Asterisk 20.17/21.12/22.7+).
 0x03 carries one ASCII DTMF digit, 0xff an error (optional code byte), 0x00 a hangup.
+Asterisk itself never sends 0x00: on a hangup `apps/app_audiosocket.c` just closes the socket,
+so a close between whole frames is the call's hangup; a close in the middle of a frame, or a
+reset, is a lost connection.
 
 `AudioSocketParser` is the sans-IO core (bytes in, events out, frames split across reads
 reassembled); `audiosocket.server` is the asyncio shell that feeds a leg per connection.
@@ -80,6 +83,11 @@ class AudioSocketParser:
         self.ended = False
         self._buffer = bytearray()
         self._skip = 0  # payload bytes of an oversized frame still to read past
+
+    @property
+    def mid_frame(self) -> bool:
+        """Part of a frame has arrived and the rest has not."""
+        return bool(self._buffer) or self._skip > 0
 
     def receive_data(self, data: bytes) -> list[AudioSocketEvent]:
         if self.ended:

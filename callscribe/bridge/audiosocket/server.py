@@ -140,7 +140,10 @@ class AudioSocketConnection:
                     )
                     break
                 if not data:
-                    reason = EndReason.DISCONNECT if not self.parser.ended else EndReason.HANGUP
+                    # Asterisk's hangup is a close after a whole frame (see the parser's docstring).
+                    parser = self.parser
+                    clean = parser.ended or (parser.call_id is not None and not parser.mid_frame)
+                    reason = EndReason.HANGUP if clean else EndReason.DISCONNECT
                     break
                 try:
                     events = self.parser.receive_data(data)

@@ -90,6 +90,8 @@ def parse_control(text: str) -> tuple[str, dict[str, Any]]:
 class AsteriskWebsocketParser(ForkParser):
     dialect: ClassVar[str] = "asterisk"
     subprotocols: ClassVar[tuple[str, ...]] = ("media",)
+    # chan_websocket sends no event at hangup: webchan_hangup() closes the websocket.
+    close_is_hangup: ClassVar[bool] = True
 
     def __init__(self, params: Mapping[str, str] | None = None) -> None:
         super().__init__(params)

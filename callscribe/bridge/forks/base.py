@@ -23,6 +23,10 @@ class CloseCode(IntEnum):
     UNSUPPORTED = 1003
     POLICY = 1008  # refused: source, token, leg conflict
     TRY_LATER = 1013  # refused for now: capacity, connections per source
+    # Reported, never sent: no code in the peer's close frame, or (uvicorn reports 1005 for this
+    # too once the handshake is done) the connection dropped without a close frame.
+    NO_STATUS = 1005
+    ABNORMAL = 1006
 
 
 def fork_transport(dialect: str) -> str:
@@ -44,6 +48,9 @@ class ForkParser(ABC):
     subprotocols: ClassVar[tuple[str, ...]] = ()
     # Whether the start message can carry the auth token (for senders that cannot set headers).
     in_band_token: ClassVar[bool] = False
+    # Whether the sender hangs up by closing the socket (no stop message in the protocol): a
+    # close frame from it then ends the legs as "hangup", a dropped connection as "disconnect".
+    close_is_hangup: ClassVar[bool] = False
 
     def __init__(self, params: Mapping[str, str] | None = None) -> None:
         self.params: Mapping[str, str] = params or {}

@@ -39,6 +39,11 @@ class ForkConnection(Protocol):
     async def receive(self) -> str | bytes | None:
         """The next message; None once the peer has gone."""
 
+    @property
+    def peer_close_code(self) -> int | None:
+        """Once receive() returned None: the code of the peer's close frame; CloseCode.NO_STATUS
+        or CloseCode.ABNORMAL when it sent none (or dropped); None when it is unknown."""
+
     async def send_text(self, text: str) -> None: ...
 
     async def close(self, code: int, reason: str) -> None: ...
@@ -103,6 +108,10 @@ class ForkSession:
             while True:
                 message = await connection.receive()
                 if message is None:
+                    code = connection.peer_close_code
+                    sent_code = code is not None and code not in (CloseCode.NO_STATUS, CloseCode.ABNORMAL)
+                    if self.parser.close_is_hangup and sent_code:
+                        ended = StreamEnded(CloseCode.NORMAL, "", EndReason.HANGUP)
                     break
                 events = self._parse(message)
                 self._apply(events)
