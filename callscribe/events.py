@@ -1,7 +1,8 @@
-"""Transcript events, schema version 1 (see README "Redis Streams contract").
+"""Transcript events, schema version 2 (docs/contract-v2.md).
 
 Every event becomes one Redis Stream entry of flat string fields. Consumers dedupe on
 (call_id, leg, seq); `seq` is monotonic per leg (call-level events use leg "").
+Version 2 only adds fields (`words`, `conf`) to version 1, so `from_fields` reads both.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ import json
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypedDict
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Versions from_fields reads: v1 entries lack `words` and `conf` and get their defaults.
+READABLE_VERSIONS = ("1", "2")
 
 
 class EventType(StrEnum):
@@ -43,7 +46,18 @@ FIELDS = (
     "engine",
     "latency_ms",
     "meta",
+    "words",
+    "conf",
 )
+
+
+class Word(TypedDict):
+    """One recognised word of a final; times in ms from the leg's first sample."""
+
+    w: str
+    start_ms: int
+    end_ms: int
+    conf: float
 
 
 def now_ms() -> int:
@@ -70,6 +84,8 @@ class TranscriptEvent:
     engine: str = ""
     latency_ms: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    words: tuple[Word, ...] = ()
+    conf: float | None = None
 
     def to_fields(self) -> dict[str, str]:
         def num(value: int | None) -> str:
@@ -92,6 +108,8 @@ class TranscriptEvent:
             "engine": self.engine,
             "latency_ms": num(self.latency_ms),
             "meta": json.dumps(self.meta, separators=(",", ":"), sort_keys=True),
+            "words": json.dumps(list(self.words), separators=(",", ":")),
+            "conf": "" if self.conf is None else f"{self.conf:.3f}",
         }
 
     @classmethod
@@ -101,8 +119,10 @@ class TranscriptEvent:
             (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
             for k, v in fields.items()
         }
-        if f.get("v") != str(SCHEMA_VERSION):
-            raise ValueError(f"unsupported schema version v={f.get('v')!r}, expected {SCHEMA_VERSION}")
+        if f.get("v") not in READABLE_VERSIONS:
+            raise ValueError(
+                f"unsupported schema version v={f.get('v')!r}, expected one of {READABLE_VERSIONS}"
+            )
 
         def opt(name: str) -> int | None:
             raw = f.get(name, "")
@@ -131,4 +151,24 @@ class TranscriptEvent:
             engine=f.get("engine", ""),
             latency_ms=opt("latency_ms"),
             meta=json.loads(f.get("meta") or "{}"),
+            words=_words(f.get("words") or "[]"),
+            conf=_conf(f.get("conf", "")),
         )
+
+
+def _words(raw: str) -> tuple[Word, ...]:
+    try:
+        items = json.loads(raw)
+        return tuple(
+            Word(w=str(i["w"]), start_ms=int(i["start_ms"]), end_ms=int(i["end_ms"]), conf=float(i["conf"]))
+            for i in items
+        )
+    except (ValueError, TypeError, KeyError):
+        raise ValueError(f"field words={raw[:80]!r} is not a list of {{w,start_ms,end_ms,conf}}") from None
+
+
+def _conf(raw: str) -> float | None:
+    try:
+        return float(raw) if raw != "" else None
+    except ValueError:
+        raise ValueError(f"field conf={raw!r} is not a number") from None

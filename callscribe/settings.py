@@ -29,7 +29,9 @@ class Settings(BaseSettings):
     # Redis Streams output
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "callscribe"
-    stream_maxlen: int = Field(10_000, ge=100, description="approximate MAXLEN of each call stream")
+    stream_maxlen: int = Field(
+        10_000, ge=100, description="approximate MAXLEN of each call's partials stream (finals: never)"
+    )
     finals_maxlen: int = Field(1_000_000, ge=1000, description="approximate MAXLEN of the finals stream")
     call_ttl_sec: int = Field(86_400, ge=1, description="a call's stream expires this long after call.ended")
     outage_buffer_events: int = Field(

@@ -4,6 +4,10 @@ Used by `callscribe tail`, `callscribe demo`, the dashboard and the tests. Witho
 call_id it reads `{prefix}:calls` and, for each call.started seen there, reads that
 call's stream from its beginning in the same blocking XREAD, until the call.ended
 written to the index says the call's stream is complete. It never ends by itself.
+
+Schema v2 keeps a call's partials in a stream of their own (`partials_stream_key`), read in
+the same XREAD; the two streams interleave, consumers order a leg's events by `seq`.
+v1 entries (everything in the call stream) read the same way.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from callscribe.events import EventType, TranscriptEvent
-from callscribe.publish.redis_streams import call_stream_key, calls_stream_key
+from callscribe.publish.redis_streams import call_stream_key, calls_stream_key, partials_stream_key
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +58,13 @@ async def follow(
     still in the index, "$" only calls that start from now on)."""
     if call_id is not None:
         key = call_stream_key(prefix, call_id)
-        last = await _resolve(redis, key, start)
+        partials = partials_stream_key(prefix, call_id)
+        cursors = {key: await _resolve(redis, key, start), partials: await _resolve(redis, partials, start)}
         while True:
-            for _stream, entries in await _xread(redis, {key: last}, BLOCK_MS):
+            for stream, entries in await _xread(redis, cursors, BLOCK_MS):
                 for last, fields in entries:
-                    event = _parse(key, last, fields)
+                    cursors[stream] = last
+                    event = _parse(stream, last, fields)
                     if event is not None:
                         yield last, event
         return
@@ -82,7 +88,9 @@ async def follow(
                 if event.type == EventType.CALL_STARTED:
                     # The call stream holds this call.started too (written just before).
                     streams.setdefault(call_key, "0-0")
+                    streams.setdefault(partials_stream_key(prefix, event.call_id), "0-0")
                 elif event.type == EventType.CALL_ENDED and call_key in streams:
+                    streams.pop(partials_stream_key(prefix, event.call_id), None)
                     async for item in _drain(redis, call_key, streams.pop(call_key)):
                         yield item
 
