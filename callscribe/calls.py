@@ -22,7 +22,7 @@ import numpy as np
 from callscribe.codecs.base import Pcm16
 from callscribe.codecs.resample import Resampler
 from callscribe.engine.base import SAMPLE_RATE, Engine, EngineError, Final, Partial, Recognition
-from callscribe.events import EventType, TranscriptEvent
+from callscribe.events import EventType, TranscriptEvent, Word
 from callscribe.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,8 @@ class Leg:
                 end_ms=result.end_ms,
                 lang=result.lang,
                 latency_ms=latency,
+                words=tuple(Word(w=w, start_ms=s, end_ms=e, conf=round(c, 3)) for w, s, e, c in result.words),
+                conf=result.conf,
             )
         elif isinstance(result, EngineError):
             self._metrics.engine_errors.labels(code=result.code).inc()

@@ -35,15 +35,22 @@ class Partial:
         return " ".join(part for part in (self.stable, self.unstable) if part)
 
 
+# One recognised word: (word, start_ms, end_ms, confidence 0..1), times from the leg's start.
+TimedWord = tuple[str, int, int, float]
+
+
 @dataclass(frozen=True, slots=True)
 class Final:
-    """The recognised text of one finished utterance (may be empty: noise, no words)."""
+    """The recognised text of one finished utterance (may be empty: noise, no words).
+    `words` and `conf` are empty/None when the engine has no word timings (Qwen3-ASR)."""
 
     utt: int
     text: str
     start_ms: int
     end_ms: int
     lang: str = ""
+    words: tuple[TimedWord, ...] = ()
+    conf: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
