@@ -17,6 +17,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from callscribe.redact import parse_redactions
 from callscribe.security import parse_networks
 
 EngineName = Literal["sphinx", "vllm", "remote"]
@@ -123,6 +124,12 @@ class Settings(BaseSettings):
         False, description="replicas run with --scheduling-policy priority: finals are sent with priority 0"
     )
 
+    # Transcripts (docs/contract-v2.md): what is redacted before anything is published or spooled
+    redact: list[str] = Field(
+        default_factory=list,
+        description='redaction of every call unless its ingest says otherwise: "pci", "ssn" (env: JSON list)',
+    )
+
     log_level: str = "info"
     log_json: bool = False
 
@@ -131,6 +138,11 @@ class Settings(BaseSettings):
     def _check_range(cls, value: str) -> str:
         parse_port_range(value)
         return value
+
+    @field_validator("redact")
+    @classmethod
+    def _check_redact(cls, value: list[str]) -> list[str]:
+        return sorted(parse_redactions(value))
 
     @field_validator("allow_networks", "sip_allow_networks")
     @classmethod

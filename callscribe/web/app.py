@@ -14,6 +14,8 @@ from starlette.routing import BaseRoute, Route
 
 from callscribe.calls import AtCapacity, LegConflict
 from callscribe.codecs.base import CodecError
+from callscribe.ingest_options import OPTIONS
+from callscribe.redact import parse_redactions
 from callscribe.security import AccessPolicy, bearer_authorized
 
 if TYPE_CHECKING:
@@ -91,6 +93,10 @@ def leg_routes(service: Service) -> list[BaseRoute]:
                 raise ValueError("leg and codec must be non-empty strings")
             if not isinstance(meta, dict):
                 raise ValueError("meta must be a JSON object")
+            # Per-call options (docs/contract-v2.md) travel in the leg's metadata.
+            meta.update({name: body[name] for name in OPTIONS if name in body})
+            if "redact" in meta:
+                parse_redactions(meta["redact"])  # a bad value is the caller's 400, not a silent default
             reserved = await service.rtp.reserve(call_id, leg, codec, meta)
         except (ValueError, CodecError) as exc:
             return error(400, str(exc))
