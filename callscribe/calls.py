@@ -21,8 +21,9 @@ import numpy as np
 
 from callscribe.codecs.base import Pcm16
 from callscribe.codecs.resample import Resampler
-from callscribe.engine.base import SAMPLE_RATE, Engine, EngineError, Final, Partial, Recognition
+from callscribe.engine.base import SAMPLE_RATE, Engine, EngineError, Final, Partial, Recognition, Vocabulary
 from callscribe.events import EventType, TranscriptEvent, Word
+from callscribe.ingest_options import context, keyterms
 from callscribe.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,9 @@ class Leg:
         self._checkpoints: deque[tuple[int, float]] = deque(maxlen=_LATENCY_CHECKPOINTS)
         self._closing: asyncio.Task[None] | None = None
         self._listeners: list[Callable[[TranscriptEvent], None]] = []
-        self._stream = engine.open_stream(call.call_id, name, self._on_recognition)
+        # Per-call vocabulary: the leg's options, else the call's (callscribe.ingest_options).
+        vocabulary = Vocabulary(context(meta) or context(call.meta), keyterms(meta) or keyterms(call.meta))
+        self._stream = engine.open_stream_for(call.call_id, name, self._on_recognition, vocabulary)
         self.started = time.time()
         self._publish(EventType.LEG_STARTED, meta=meta)
 

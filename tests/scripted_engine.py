@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from callscribe.engine.base import SAMPLE_RATE, Audio, Emit, Engine, Final, LegStream, Partial
+from callscribe.engine.base import SAMPLE_RATE, Audio, Emit, Engine, Final, LegStream, Partial, Vocabulary
 
 
 class ScriptedStream(LegStream):
@@ -49,7 +49,8 @@ class ScriptedStream(LegStream):
         words = self._text().split()
         step = max(1, (end - self._utt_start) // max(1, len(words)))
         timed = tuple(
-            (w, self._utt_start + i * step, self._utt_start + (i + 1) * step, 0.9) for i, w in enumerate(words)
+            (w, self._utt_start + i * step, self._utt_start + (i + 1) * step, 0.9)
+            for i, w in enumerate(words)
         )
         self._emit(Final(self._utt, " ".join(words), self._utt_start, end, words=timed, conf=0.9))
         self._engine.finals += 1
@@ -65,6 +66,7 @@ class ScriptedEngine(Engine):
         self.utterance_ms = utterance_ms
         self.partial_ms = partial_ms
         self.finals = 0
+        self.vocabularies: dict[tuple[str, str], Vocabulary] = {}  # what each leg was opened with
 
     async def start(self) -> None:
         pass
@@ -78,3 +80,7 @@ class ScriptedEngine(Engine):
 
     def open_stream(self, call_id: str, leg: str, emit: Emit) -> LegStream:
         return ScriptedStream(self, emit)
+
+    def open_stream_for(self, call_id: str, leg: str, emit: Emit, vocabulary: Vocabulary) -> LegStream:
+        self.vocabularies[(call_id, leg)] = vocabulary
+        return self.open_stream(call_id, leg, emit)
