@@ -138,12 +138,13 @@ class Service:
     def _add_webrtc_and_dashboard(self) -> None:
         from callscribe.bridge.webrtc import WhipIngest
         from callscribe.web.dashboard import Dashboard, dashboard_routes
+        from callscribe.web.supervisor import supervisor_routes
         from callscribe.web.whip import whip_routes
 
         self.whip = WhipIngest(self.registry, self.metrics, self.settings.leg_idle_timeout_sec)
         self.dashboard = Dashboard(self.settings, self.metrics)
         self.components += [self.whip, self.dashboard]
-        self.route_factories += [whip_routes, dashboard_routes]
+        self.route_factories += [whip_routes, dashboard_routes, supervisor_routes]
 
     def _add_media_forks(self) -> None:
         from callscribe.bridge.audiosocket import AudioSocketServer

@@ -130,6 +130,11 @@ class Settings(BaseSettings):
         description='redaction of every call unless its ingest says otherwise: "pci", "ssn" (env: JSON list)',
     )
 
+    alert_phrases: list[str] = Field(
+        default_factory=list,
+        description='phrases the supervisor view highlights in finals, e.g. ["cancel my account"]',
+    )
+
     log_level: str = "info"
     log_json: bool = False
 
