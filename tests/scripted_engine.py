@@ -13,8 +13,9 @@ from callscribe.engine.base import SAMPLE_RATE, Audio, Emit, Engine, Final, LegS
 
 
 class ScriptedStream(LegStream):
-    def __init__(self, engine: ScriptedEngine, emit: Emit) -> None:
+    def __init__(self, engine: ScriptedEngine, emit: Emit, script: list[str]) -> None:
         self._engine = engine
+        self._script = script
         self._emit = emit
         self._samples = 0
         self._utt = 0
@@ -42,7 +43,7 @@ class ScriptedStream(LegStream):
             self._final(self._now_ms)
 
     def _text(self) -> str:
-        script = self._engine.script
+        script = self._script
         return script[self._utt % len(script)]
 
     def _final(self, end: int) -> None:
@@ -61,8 +62,15 @@ class ScriptedStream(LegStream):
 class ScriptedEngine(Engine):
     name = "scripted"
 
-    def __init__(self, script: Sequence[str], utterance_ms: int = 5000, partial_ms: int = 270) -> None:
+    def __init__(
+        self,
+        script: Sequence[str],
+        utterance_ms: int = 5000,
+        partial_ms: int = 270,
+        calls: dict[str, Sequence[str]] | None = None,
+    ) -> None:
         self.script = list(script)
+        self.calls = {call_id: list(lines) for call_id, lines in (calls or {}).items()}  # per-call scripts
         self.utterance_ms = utterance_ms
         self.partial_ms = partial_ms
         self.finals = 0
@@ -79,7 +87,7 @@ class ScriptedEngine(Engine):
         return True
 
     def open_stream(self, call_id: str, leg: str, emit: Emit) -> LegStream:
-        return ScriptedStream(self, emit)
+        return ScriptedStream(self, emit, self.calls.get(call_id, self.script))
 
     def open_stream_for(self, call_id: str, leg: str, emit: Emit, vocabulary: Vocabulary) -> LegStream:
         self.vocabularies[(call_id, leg)] = vocabulary

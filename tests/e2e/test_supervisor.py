@@ -27,9 +27,10 @@ SCRIPT = [
     "how can i help you today",
     "<img src=x onerror=window.pwned=1>",
     "my card is four one one one one one one one one one one one one one one one",
-    "i want to cancel my account",
     "let me check that for you",
 ]
+ALERT_CALL = "sv-07"
+ALERT_SCRIPT = [*SCRIPT[:4], "i want to Cancel my account", *SCRIPT[4:]]
 
 
 def silent_wav(path: Path) -> Path:
@@ -66,7 +67,7 @@ async def shown(page: Page) -> dict[str, Any]:
 async def test_twelve_calls_one_stream_alerts_and_redaction(
     make_service: ServiceFactory, redis: aioredis.Redis, key_prefix: str, tmp_path: Path
 ) -> None:
-    engine = ScriptedEngine(SCRIPT, utterance_ms=1000, partial_ms=250)
+    engine = ScriptedEngine(SCRIPT, utterance_ms=1000, partial_ms=250, calls={ALERT_CALL: ALERT_SCRIPT})
     async with make_service(engine=engine, alert_phrases=["Cancel my account"], redact=["pci"]) as svc:
         base = f"http://127.0.0.1:{svc.http_port}"
         async with Chromium.launch(silent_wav(tmp_path / "mic.wav"), OUTPUT / "chromium.log") as browser:
@@ -119,11 +120,11 @@ async def test_twelve_calls_one_stream_alerts_and_redaction(
     assert connections == 1, "one event stream for every call"
     # Each flagged call was flagged within 2 s of the final that said the phrase.
     alerts = {c: v["alert"] for c, v in flagged.items() if v["alert"]}
-    assert alerts
+    assert list(alerts) == [ALERT_CALL], "only the call that said the phrase is flagged"
     for call_id, alert_at in alerts.items():
         entries: Any = await redis.xrange(call_stream_key(key_prefix, call_id))
         finals = [TranscriptEvent.from_fields(f) for _, f in entries]
-        said = min(e.ts for e in finals if e.type == EventType.FINAL and "cancel my account" in e.text)
+        said = min(e.ts for e in finals if e.type == EventType.FINAL and "Cancel my account" in e.text)
         print(f"\n{call_id}: highlighted {alert_at - said} ms after its final was made")
         assert 0 <= alert_at - said <= 2000, (call_id, alert_at - said)
     assert any(v["redacted"] for v in flagged.values()), "a redacted card shows as redacted"

@@ -45,10 +45,15 @@ function renderText(node, text) {
   }
   hits.sort((a, b) => a[0] - b[0]);
   let pos = 0;
+  // A run of masked words (a card number is 16 of them) shows as one "redacted" chip.
   const plain = (chunk) => {
-    chunk.split(/(\[redacted\])/).forEach((part) => {
+    chunk.split(/(\[redacted\](?: \[redacted\])*)/).forEach((part) => {
       if (!part) return;
-      node.append(part === REDACTED ? el("span", "redacted", "redacted") : document.createTextNode(part));
+      if (!part.startsWith(REDACTED)) { node.append(document.createTextNode(part)); return; }
+      const words = part.split(" ").length;
+      const chip = el("span", "redacted", words > 1 ? `redacted ×${words}` : "redacted");
+      chip.title = "redacted by callscribe before publishing";
+      node.append(chip);
     });
   };
   for (const [start, end] of hits) {
