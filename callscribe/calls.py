@@ -51,6 +51,8 @@ class Call:
     legs: dict[str, Leg] = field(default_factory=dict)
     seq: int = 0
     started: float = field(default_factory=time.time)
+    # Applied to every event of the call before the sink and any listener sees it.
+    redact: Callable[[TranscriptEvent], TranscriptEvent] = field(default=lambda event: event)
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -196,13 +198,15 @@ class Leg:
 
     def _publish(self, kind: EventType, **fields: Any) -> None:
         self._seq += 1
-        event = TranscriptEvent(
-            type=kind,
-            call_id=self.call_id,
-            leg=self.name,
-            seq=self._seq,
-            engine=self.engine_name,
-            **fields,
+        event = self.call.redact(
+            TranscriptEvent(
+                type=kind,
+                call_id=self.call_id,
+                leg=self.name,
+                seq=self._seq,
+                engine=self.engine_name,
+                **fields,
+            )
         )
         self._sink.publish(event)
         for listener in self._listeners:
@@ -215,8 +219,18 @@ class Leg:
 class CallRegistry:
     """Open calls and legs. A call starts with its first leg and ends with its last."""
 
-    def __init__(self, engine: Engine, sink: EventSink, metrics: Metrics, max_legs: int = 1000) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        sink: EventSink,
+        metrics: Metrics,
+        max_legs: int = 1000,
+        redactor: Callable[[TranscriptEvent], TranscriptEvent] | None = None,
+    ) -> None:
         self._engine = engine
+        # callscribe.redact.Redactor: the sink, the spool behind it, logs and listeners (a fork
+        # echoing finals to the PBX) only ever see redacted events.
+        self._redactor = redactor
         self._sink = sink
         self._metrics = metrics
         self.max_legs = max_legs
@@ -236,6 +250,8 @@ class CallRegistry:
         call = self.calls.get(call_id)
         if call is None:
             call = Call(call_id, dict(meta or {}))
+            if self._redactor is not None:
+                call.redact = self._redactor
             self.calls[call_id] = call
             self._publish_call(call, EventType.CALL_STARTED, meta=call.meta)
         elif leg in call.legs:
@@ -267,8 +283,10 @@ class CallRegistry:
 
     def _publish_call(self, call: Call, kind: EventType, meta: dict[str, Any]) -> None:
         self._sink.publish(
-            TranscriptEvent(
-                type=kind, call_id=call.call_id, seq=call.next_seq(), engine=self._engine.name, meta=meta
+            call.redact(
+                TranscriptEvent(
+                    type=kind, call_id=call.call_id, seq=call.next_seq(), engine=self._engine.name, meta=meta
+                )
             )
         )
 

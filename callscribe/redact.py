@@ -27,16 +27,12 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any
 
 from callscribe.events import EventType, TranscriptEvent, Word
 from callscribe.ingest_options import ingest_option
 
 log = logging.getLogger(__name__)
-
-
-class EventSink(Protocol):
-    def publish(self, event: TranscriptEvent) -> None: ...
 
 
 class Redaction(StrEnum):
@@ -209,7 +205,8 @@ class _CallState:
 
 
 class Redactor:
-    """Redacts a call's events in publish order, before any sink sees them.
+    """Redacts a call's events in publish order, before any sink sees them (CallRegistry
+    applies it to every event it makes; docs/contract-v2.md "Redaction").
 
     Which kinds apply: the `redact` ingest option of the leg (leg.started meta), else of the
     call (call.started meta), else the `default`. Card context spans the legs of a call (the
@@ -272,15 +269,3 @@ class Redactor:
             # An ingest asked for something unknown: redact more, never less.
             log.warning("%s; applying %s and the default", exc, sorted(fallback | {Redaction.PCI}))
             return fallback | {Redaction.PCI}
-
-
-class RedactingSink:
-    """An EventSink that redacts every event before handing it to the real one (the publisher,
-    which writes Redis and the outage spool): nothing unredacted gets past this point."""
-
-    def __init__(self, sink: EventSink, redactor: Redactor) -> None:
-        self._sink = sink
-        self._redactor = redactor
-
-    def publish(self, event: TranscriptEvent) -> None:
-        self._sink.publish(self._redactor(event))

@@ -20,7 +20,7 @@ from callscribe.calls import CallRegistry
 from callscribe.engine.base import Engine
 from callscribe.metrics import Metrics
 from callscribe.publish.redis_streams import RedisStreamsPublisher
-from callscribe.redact import RedactingSink, Redactor, parse_redactions
+from callscribe.redact import Redactor, parse_redactions
 from callscribe.security import AccessPolicy
 from callscribe.settings import Settings
 
@@ -66,10 +66,8 @@ class Service:
         self.metrics = Metrics()
         self.engine = engine or create_engine(settings)
         self.publisher = RedisStreamsPublisher(settings, self.metrics)
-        # Redaction sits between the legs and the publisher: Redis, the spool and logs downstream
-        # only ever see redacted events.
-        redacting = RedactingSink(self.publisher, Redactor(parse_redactions(settings.redact)))
-        self.registry = CallRegistry(self.engine, redacting, self.metrics)
+        redactor = Redactor(parse_redactions(settings.redact))
+        self.registry = CallRegistry(self.engine, self.publisher, self.metrics, redactor=redactor)
         self.components: list[Component] = []
         # Feature modules (websocket forks, WHIP, dashboard) add their routes here before start().
         self.route_factories: list[Callable[[Service], list[BaseRoute]]] = []
