@@ -24,7 +24,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -121,6 +121,20 @@ class Dashboard:
             await asyncio.wait_for(self._no_streams.wait(), 5 * _BLOCK_MS / 1000)
         if self.redis is not None:
             await self.redis.aclose()
+
+    @contextlib.contextmanager
+    def counted_stream(self) -> Iterator[None]:
+        """Bookkeeping of one open event stream (metrics; stop() waits for none to be open)."""
+        self.metrics.dashboard_clients.inc()
+        self.open_streams += 1
+        self._no_streams.clear()
+        try:
+            yield
+        finally:
+            self.open_streams -= 1
+            if not self.open_streams:
+                self._no_streams.set()
+            self.metrics.dashboard_clients.dec()
 
     def key(self, call_id: str | None) -> str:
         prefix = self.settings.key_prefix

@@ -53,14 +53,19 @@ DEFAULT_HISTORY_MIN = 60.0
 
 async def active_stream(dashboard: Dashboard, since_ms: int) -> AsyncIterator[bytes]:
     """The SSE body: events of every active call, multiplexed, until recycled or closing."""
-    assert dashboard.redis is not None
-    redis = dashboard.redis
     prefix = dashboard.settings.key_prefix
     index = calls_stream_key(prefix)
     cursors: dict[str, str] = {index: f"{since_ms}-0"}
-    dashboard.metrics.dashboard_clients.inc()
-    dashboard.open_streams += 1
-    dashboard._no_streams.clear()
+    with dashboard.counted_stream():
+        async for chunk in _follow_active(dashboard, cursors, index, prefix):
+            yield chunk
+
+
+async def _follow_active(
+    dashboard: Dashboard, cursors: dict[str, str], index: str, prefix: str
+) -> AsyncIterator[bytes]:
+    assert dashboard.redis is not None
+    redis = dashboard.redis
     try:
         yield f"retry: {RETRY_MS}\n\n".encode()
         loop = asyncio.get_running_loop()
@@ -95,11 +100,6 @@ async def active_stream(dashboard: Dashboard, since_ms: int) -> AsyncIterator[by
                 yield b": keepalive\n\n"
     except RedisError as exc:
         log.warning("supervisor stream ended by a Redis error: %s", exc)
-    finally:
-        dashboard.open_streams -= 1
-        if not dashboard.open_streams:
-            dashboard._no_streams.set()
-        dashboard.metrics.dashboard_clients.dec()
 
 
 def _track(cursors: dict[str, str], prefix: str, event: TranscriptEvent) -> None:
