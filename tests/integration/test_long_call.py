@@ -27,7 +27,9 @@ UTTERANCE_MS = 4000
 async def test_two_hour_call_keeps_every_final(redis: aioredis.Redis, key_prefix: str) -> None:
     settings = Settings(redis_url=REDIS_URL, key_prefix=key_prefix)  # stream_maxlen: the default
     metrics = Metrics()
-    engine = ScriptedEngine(["thank you for calling", "my account number is", "please hold"], UTTERANCE_MS, partial_ms=250)
+    engine = ScriptedEngine(
+        ["thank you for calling", "my account number is", "please hold"], UTTERANCE_MS, partial_ms=250
+    )
     publisher = RedisStreamsPublisher(settings, metrics)
     await publisher.start()
     try:
