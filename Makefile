@@ -26,8 +26,8 @@ demo: install redis
 	$(BIN)/callscribe demo --clip $(SHARED)/audio/librivox-0870.wav
 
 lint: install
-	$(BIN)/ruff check callscribe tests bench fuzz
-	$(BIN)/ruff format --check callscribe tests bench fuzz
+	$(BIN)/ruff check callscribe tests bench fuzz examples
+	$(BIN)/ruff format --check callscribe tests bench fuzz examples
 	$(BIN)/mypy callscribe
 
 format: install

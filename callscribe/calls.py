@@ -23,8 +23,9 @@ from callscribe.bridge.limits import AtCapacity as AtCapacity  # re-exported: ra
 from callscribe.bridge.limits import LegConflict as LegConflict
 from callscribe.codecs.base import Pcm16
 from callscribe.codecs.resample import Resampler
-from callscribe.engine.base import SAMPLE_RATE, Engine, Final, Partial, Recognition
+from callscribe.engine.base import SAMPLE_RATE, Engine, Final, Partial, Recognition, Vocabulary
 from callscribe.events import EventType, TranscriptEvent
+from callscribe.ingest_options import context, keyterms
 from callscribe.leg_events import LatencyTracker, LegEvents
 from callscribe.metrics import Metrics
 
@@ -42,6 +43,8 @@ class Call:
     legs: dict[str, Leg] = field(default_factory=dict)
     seq: int = 0
     started: float = field(default_factory=time.time)
+    # Applied to every event of the call before the sink and any listener sees it.
+    redact: Callable[[TranscriptEvent], TranscriptEvent] = field(default=lambda event: event)
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -78,7 +81,9 @@ class Leg:
         self._started = False
         self._closing: asyncio.Task[None] | None = None
         self._listeners: list[Callable[[TranscriptEvent], None]] = []
-        self._stream = engine.open_stream(call.call_id, name, self._on_recognition)
+        # Per-call vocabulary: the leg's options, else the call's (callscribe.ingest_options).
+        vocabulary = Vocabulary(context(meta) or context(call.meta), keyterms(meta) or keyterms(call.meta))
+        self._stream = engine.open_stream_for(call.call_id, name, self._on_recognition, vocabulary)
         self.started = time.time()
 
     def start(self) -> None:
@@ -164,6 +169,7 @@ class Leg:
         self._listeners.append(listener)
 
     def _emit(self, event: TranscriptEvent) -> None:
+        event = self.call.redact(event)  # before any sink or listener sees it
         self._sink.publish(event)
         for listener in self._listeners:
             try:
@@ -175,8 +181,18 @@ class Leg:
 class CallRegistry:
     """Open calls and legs. A call starts with its first leg and ends with its last."""
 
-    def __init__(self, engine: Engine, sink: EventSink, metrics: Metrics, max_legs: int = 1000) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        sink: EventSink,
+        metrics: Metrics,
+        max_legs: int = 1000,
+        redactor: Callable[[TranscriptEvent], TranscriptEvent] | None = None,
+    ) -> None:
         self._engine = engine
+        # callscribe.redact.Redactor: the sink, the spool behind it, logs and listeners (a fork
+        # echoing finals to the PBX) only ever see redacted events.
+        self._redactor = redactor
         self._sink = sink
         self._metrics = metrics
         self.max_legs = max_legs
@@ -196,6 +212,8 @@ class CallRegistry:
         call = self.calls.get(call_id)
         if call is None:
             call = Call(call_id, dict(meta or {}))
+            if self._redactor is not None:
+                call.redact = self._redactor
             self.calls[call_id] = call
             self._publish_call(call, EventType.CALL_STARTED, meta=call.meta)
         elif leg in call.legs:
@@ -229,8 +247,10 @@ class CallRegistry:
 
     def _publish_call(self, call: Call, kind: EventType, meta: dict[str, Any]) -> None:
         self._sink.publish(
-            TranscriptEvent(
-                type=kind, call_id=call.call_id, seq=call.next_seq(), engine=self._engine.name, meta=meta
+            call.redact(
+                TranscriptEvent(
+                    type=kind, call_id=call.call_id, seq=call.next_seq(), engine=self._engine.name, meta=meta
+                )
             )
         )
 

@@ -7,6 +7,7 @@ The dataclass below is the one list of the schema's fields: each field names its
 codec (how it is written to a stream entry, read back, and shown as JSON), and `FIELDS`,
 `to_fields`, `from_fields` and `to_json` are all derived from it. Adding a field is one line
 (appended last, so existing consumers see the same fields in the same order).
+Version 2 only adds fields (`words`, `conf`) to version 1, so `from_fields` reads both.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypedDict
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Versions from_fields reads: v1 entries lack `words` and `conf` and get their defaults.
+READABLE_VERSIONS = ("1", "2")
 
 
 class EventType(StrEnum):
@@ -33,6 +36,15 @@ class EventType(StrEnum):
 
 
 _EVENT_TYPES = frozenset(EventType)
+
+
+class Word(TypedDict):
+    """One recognised word of a final; times in ms from the leg's first sample."""
+
+    w: str
+    start_ms: int
+    end_ms: int
+    conf: float
 
 
 def now_ms() -> int:
@@ -74,6 +86,33 @@ def _json_object(value: dict[str, Any]) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
+def _words_text(words: tuple[Word, ...]) -> str:
+    return json.dumps(list(words), separators=(",", ":"))
+
+
+def _words(name: str, raw: str | None) -> tuple[Word, ...]:
+    try:
+        return tuple(
+            Word(w=str(i["w"]), start_ms=int(i["start_ms"]), end_ms=int(i["end_ms"]), conf=float(i["conf"]))
+            for i in json.loads(raw or "[]")
+        )
+    except (ValueError, TypeError, KeyError):
+        raise ValueError(
+            f"field {name}={(raw or '')[:80]!r} is not a list of {{w,start_ms,end_ms,conf}}"
+        ) from None
+
+
+def _conf_text(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def _conf(name: str, raw: str | None) -> float | None:
+    try:
+        return float(raw) if raw else None
+    except ValueError:
+        raise ValueError(f"field {name}={raw!r} is not a number") from None
+
+
 @dataclass(frozen=True, slots=True)
 class Wire:
     """How one field is encoded in a stream entry (`encode`), parsed back from it (`decode`,
@@ -91,6 +130,8 @@ INT = {"wire": Wire(str, _int)}
 OPTIONAL_INT = {"wire": Wire(_number, _optional_int)}  # None is written as ""
 KIND = {"wire": Wire(str, _event_type, json=str)}
 JSON_OBJECT = {"wire": Wire(_json_object, lambda name, raw: json.loads(raw or "{}"))}
+WORDS = {"wire": Wire(_words_text, _words, json=list)}
+CONFIDENCE = {"wire": Wire(_conf_text, _conf)}  # None is written as ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +154,8 @@ class TranscriptEvent:
     engine: str = field(default="", metadata=TEXT)
     latency_ms: int | None = field(default=None, metadata=OPTIONAL_INT)
     meta: dict[str, Any] = field(default_factory=dict, metadata=JSON_OBJECT)
+    words: tuple[Word, ...] = field(default=(), metadata=WORDS)  # v2: finals only
+    conf: float | None = field(default=None, metadata=CONFIDENCE)  # v2: finals only
 
     def to_fields(self) -> dict[str, str]:
         entry = {"v": _VERSION}
@@ -131,8 +174,10 @@ class TranscriptEvent:
             (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
             for k, v in entry.items()
         }
-        if f.get("v") != _VERSION:
-            raise ValueError(f"unsupported schema version v={f.get('v')!r}, expected {SCHEMA_VERSION}")
+        if f.get("v") not in READABLE_VERSIONS:
+            raise ValueError(
+                f"unsupported schema version v={f.get('v')!r}, expected one of {READABLE_VERSIONS}"
+            )
         return cls(**{name: codec.decode(name, f.get(name)) for name, codec in _SCHEMA})
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from callscribe.bridge.events import EndReason
 from callscribe.engine.base import EngineError, Partial, Recognition
-from callscribe.events import EventType, TranscriptEvent
+from callscribe.events import EventType, TranscriptEvent, Word
 
 # Enough (audio position → wall clock) checkpoints to time results up to ~2 minutes back.
 LATENCY_CHECKPOINTS = 6000
@@ -74,10 +74,17 @@ class LegEvents:
         """The event of one engine result (`latency_ms` is not part of an error event)."""
         if isinstance(result, EngineError):
             return self.error(result.message, result.code, utt=result.utt)
+        extra: dict[str, Any]
         if isinstance(result, Partial):
-            kind, words = EventType.PARTIAL, {"stable": result.stable, "unstable": result.unstable}
+            kind, extra = EventType.PARTIAL, {"stable": result.stable, "unstable": result.unstable}
         else:  # a final's text is all stable
-            kind, words = EventType.FINAL, {"stable": result.text, "lang": result.lang}
+            timed = tuple(Word(w=w, start_ms=s, end_ms=e, conf=round(c, 3)) for w, s, e, c in result.words)
+            kind, extra = EventType.FINAL, {
+                "stable": result.text,
+                "lang": result.lang,
+                "words": timed,
+                "conf": result.conf,
+            }
         return self.build(
             kind,
             utt=result.utt,
@@ -85,5 +92,5 @@ class LegEvents:
             start_ms=result.start_ms,
             end_ms=result.end_ms,
             latency_ms=latency_ms,
-            **words,
+            **extra,
         )

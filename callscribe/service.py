@@ -26,11 +26,13 @@ from callscribe.calls import CallRegistry
 from callscribe.engine.base import Engine
 from callscribe.metrics import Metrics
 from callscribe.publish.redis_streams import RedisStreamsPublisher
+from callscribe.redact import Redactor, parse_redactions
 from callscribe.security import AccessPolicy
 from callscribe.settings import Settings
 from callscribe.web.app import create_app, health_routes, leg_routes
 from callscribe.web.dashboard import Dashboard, dashboard_routes
 from callscribe.web.forks import fork_routes
+from callscribe.web.supervisor import supervisor_routes
 from callscribe.web.whip import whip_routes
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,8 @@ class Service:
         self.metrics = Metrics()
         self.engine: Engine = engine or create_engine(settings)
         self.publisher = RedisStreamsPublisher(settings, self.metrics)
-        self.registry = CallRegistry(self.engine, self.publisher, self.metrics)
+        redactor = Redactor(parse_redactions(settings.redact))
+        self.registry = CallRegistry(self.engine, self.publisher, self.metrics, redactor=redactor)
         self.rtp = RtpIngest(settings, self.registry, self.metrics, self.policy)
         self.sip: SipServer | None = (
             SipServer(settings, self.rtp, self.metrics, self.policy, self.registry)
@@ -97,6 +100,7 @@ class Service:
             leg_routes(self.rtp, self.registry, self.policy, self.publisher.wait_flushed),
             whip_routes(self.whip, self.policy, self.publisher.wait_flushed, settings.http_host),
             dashboard_routes(self.dashboard, self.metrics),
+            supervisor_routes(self.dashboard, settings.alert_phrases),
             fork_routes(
                 self.registry,
                 self.metrics,

@@ -19,6 +19,7 @@ from pydantic_settings import (
 
 from callscribe.networks import parse_networks
 from callscribe.publish.connect import cluster_seeds, is_cluster_url
+from callscribe.redact import parse_redactions
 
 EngineName = Literal["sphinx", "vllm", "remote"]
 SECRETS_DIR_ENV = "CALLSCRIBE_SECRETS_DIR"
@@ -30,7 +31,9 @@ class Settings(BaseSettings):
     # Redis Streams output
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "callscribe"
-    stream_maxlen: int = Field(10_000, ge=100, description="approximate MAXLEN of each call stream")
+    stream_maxlen: int = Field(
+        10_000, ge=100, description="approximate MAXLEN of each call's partials stream (finals: never)"
+    )
     finals_maxlen: int = Field(1_000_000, ge=1000, description="approximate MAXLEN of the finals stream")
     call_ttl_sec: int = Field(86_400, ge=1, description="a call's stream expires this long after call.ended")
     outage_buffer_events: int = Field(
@@ -122,6 +125,17 @@ class Settings(BaseSettings):
         False, description="replicas run with --scheduling-policy priority: finals are sent with priority 0"
     )
 
+    # Transcripts (docs/contract-v2.md): what is redacted before anything is published or spooled
+    redact: list[str] = Field(
+        default_factory=list,
+        description='redaction of every call unless its ingest says otherwise: "pci", "ssn" (env: JSON list)',
+    )
+
+    alert_phrases: list[str] = Field(
+        default_factory=list,
+        description='phrases the supervisor view highlights in finals, e.g. ["cancel my account"]',
+    )
+
     log_level: str = "info"
     log_json: bool = False
 
@@ -130,6 +144,11 @@ class Settings(BaseSettings):
     def _check_range(cls, value: str) -> str:
         parse_port_range(value)
         return value
+
+    @field_validator("redact")
+    @classmethod
+    def _check_redact(cls, value: list[str]) -> list[str]:
+        return sorted(parse_redactions(value))
 
     @field_validator("allow_networks", "sip_allow_networks")
     @classmethod

@@ -6,6 +6,8 @@ speech), so a tone or a speech clip with pauses gives the same utterances every 
 n-th utterance of a leg is reported as `texts[n]` (or "utterance n" past the end): one
 Partial when it opens, its Final when it closes. Results reach the leg on the event loop
 after feed() returns, as with the real engines, and finish() returns once all are emitted.
+
+`TimedScriptEngine` below cuts utterances by the clock instead, with word timings on its finals.
 """
 
 from __future__ import annotations
@@ -17,7 +19,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from callscribe.engine.base import SAMPLE_RATE, Audio, Emit, Engine, Final, LegStream, Partial, Recognition
+from callscribe.engine.base import (
+    SAMPLE_RATE,
+    Audio,
+    Emit,
+    Engine,
+    Final,
+    LegStream,
+    Partial,
+    Recognition,
+    Vocabulary,
+)
 from callscribe.engine.segmenter import SegmenterConfig, Utterance, UtteranceSegmenter
 from tests.support import ServiceFactory
 
@@ -135,3 +147,89 @@ def with_scripted_engine(make_service: ServiceFactory) -> ServiceFactory:
         return make_service(**overrides)
 
     return factory
+
+
+class TimedScriptStream(LegStream):
+    def __init__(self, engine: TimedScriptEngine, emit: Emit, script: list[str]) -> None:
+        self._engine = engine
+        self._script = script
+        self._emit = emit
+        self._samples = 0
+        self._utt = 0
+        self._utt_start = 0  # ms
+        self._next_partial = engine.partial_ms
+
+    @property
+    def _now_ms(self) -> int:
+        return self._samples * 1000 // SAMPLE_RATE
+
+    def feed(self, audio: Audio) -> None:
+        self._samples += audio.size
+        engine = self._engine
+        while self._now_ms >= self._next_partial:
+            end = self._next_partial
+            self._next_partial += engine.partial_ms
+            if end - self._utt_start >= engine.utterance_ms:
+                self._final(end)
+            else:
+                words = self._text().split()
+                self._emit(Partial(self._utt, " ".join(words[:1]), " ".join(words[1:]), self._utt_start, end))
+
+    async def finish(self) -> None:
+        if self._now_ms > self._utt_start:
+            self._final(self._now_ms)
+
+    def _text(self) -> str:
+        script = self._script
+        return script[self._utt % len(script)]
+
+    def _final(self, end: int) -> None:
+        words = self._text().split()
+        step = max(1, (end - self._utt_start) // max(1, len(words)))
+        timed = tuple(
+            (w, self._utt_start + i * step, self._utt_start + (i + 1) * step, 0.9)
+            for i, w in enumerate(words)
+        )
+        self._emit(Final(self._utt, " ".join(words), self._utt_start, end, words=timed, conf=0.9))
+        self._engine.finals += 1
+        self._utt += 1
+        self._utt_start = end
+
+
+class TimedScriptEngine(Engine):
+    """By the clock, not by the audio: every `partial_ms` of audio a partial, every
+    `utterance_ms` a final whose text and words come from `script` (cycled; per call from
+    `calls`). For tests that need many finals fast (long calls, redaction, the supervisor)."""
+
+    name = "scripted"
+
+    def __init__(
+        self,
+        script: Sequence[str],
+        utterance_ms: int = 5000,
+        partial_ms: int = 270,
+        calls: dict[str, Sequence[str]] | None = None,
+    ) -> None:
+        self.script = list(script)
+        self.calls = {call_id: list(lines) for call_id, lines in (calls or {}).items()}  # per-call scripts
+        self.utterance_ms = utterance_ms
+        self.partial_ms = partial_ms
+        self.finals = 0
+        self.vocabularies: dict[tuple[str, str], Vocabulary] = {}  # what each leg was opened with
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    def open_stream(self, call_id: str, leg: str, emit: Emit) -> LegStream:
+        return TimedScriptStream(self, emit, self.calls.get(call_id, self.script))
+
+    def open_stream_for(self, call_id: str, leg: str, emit: Emit, vocabulary: Vocabulary) -> LegStream:
+        self.vocabularies[(call_id, leg)] = vocabulary
+        return self.open_stream(call_id, leg, emit)

@@ -91,14 +91,15 @@ async def read_call_events(
 ) -> list[TranscriptEvent]:
     """Every event of one call from its stream, waiting until an event of type `until` arrives."""
     key = f"{prefix}:call:{{{call_id}}}"
+    cursors = {key: "0-0", f"{key}:partials": "0-0"}
     events: list[TranscriptEvent] = []
-    last_id = "0-0"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        reply = await redis.xread({key: last_id}, block=500, count=1000)
-        for _stream, entries in reply:
+        # Schema v2: partials are in a stream of their own, read in the same XREAD.
+        reply = await redis.xread(cursors, block=500, count=1000)
+        for stream, entries in reply:
             for entry_id, fields in entries:
-                last_id = entry_id
+                cursors[stream.decode() if isinstance(stream, bytes) else stream] = entry_id
                 events.append(TranscriptEvent.from_fields(fields))
         if any(e.type == until for e in events):
             return events

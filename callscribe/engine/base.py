@@ -35,15 +35,22 @@ class Partial:
         return " ".join(part for part in (self.stable, self.unstable) if part)
 
 
+# One recognised word: (word, start_ms, end_ms, confidence 0..1), times from the leg's start.
+TimedWord = tuple[str, int, int, float]
+
+
 @dataclass(frozen=True, slots=True)
 class Final:
-    """The recognised text of one finished utterance (may be empty: noise, no words)."""
+    """The recognised text of one finished utterance (may be empty: noise, no words).
+    `words` and `conf` are empty/None when the engine has no word timings (Qwen3-ASR)."""
 
     utt: int
     text: str
     start_ms: int
     end_ms: int
     lang: str = ""
+    words: tuple[TimedWord, ...] = ()
+    conf: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +80,23 @@ class LegStream(ABC):
         """Flush the open utterance to a final and wait until all results are emitted."""
 
 
+@dataclass(frozen=True, slots=True)
+class Vocabulary:
+    """Per-call recognition hints from the ingest (callscribe.ingest_options): free-text
+    `context` (product, agent and account names) and `keyterms`."""
+
+    context: str = ""
+    keyterms: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.context or self.keyterms)
+
+    def prompt_context(self, base: str = "") -> str:
+        """The engine-wide context, then the call's, then its key terms, as one text."""
+        terms = f"Key terms: {', '.join(self.keyterms)}" if self.keyterms else ""
+        return "\n".join(part for part in (base.strip(), self.context.strip(), terms) if part)
+
+
 class Engine(ABC):
     name: str
 
@@ -90,6 +114,12 @@ class Engine(ABC):
     @abstractmethod
     def open_stream(self, call_id: str, leg: str, emit: Emit) -> LegStream:
         """A recognition state for one leg; `emit` is called on the event loop."""
+
+    def open_stream_for(self, call_id: str, leg: str, emit: Emit, vocabulary: Vocabulary) -> LegStream:
+        """`open_stream` with the call's vocabulary. Engines that cannot use one (sphinx: its
+        n-gram LM is shared by every leg and its dictionary has no entry for unknown names)
+        ignore it, which is this default."""
+        return self.open_stream(call_id, leg, emit)
 
 
 def split_stable(previous: str, current: str, unstable_words: int = 2) -> tuple[str, str]:

@@ -59,6 +59,7 @@ from callscribe.engine.base import (
     Final,
     LegStream,
     Partial,
+    TimedWord,
     split_stable,
 )
 
@@ -249,7 +250,7 @@ class _Worker:
                 self._end_utt(key, leg)
                 self._start_utt(leg, start)
 
-    def _final_pass(self, speech: bytes) -> str:
+    def _final_pass(self, speech: bytes) -> tuple[str, list[TimedWord]]:
         """Decode a whole utterance at once: CMN from the utterance itself (batch mode) and
         all search passes. Live CMN starts from a wideband mean and adapts slowly, so on the
         phone band (8 kHz) the streaming hypothesis is far worse: measured on the test clips
@@ -259,16 +260,34 @@ class _Worker:
         decoder.process_raw(speech, full_utt=True)
         decoder.end_utt()
         hyp = decoder.hyp()
-        return hyp.hypstr if hyp is not None else ""
+        if hyp is None:
+            return "", []
+        return hyp.hypstr, segment_words(decoder.seg(), int(decoder.config["frate"]))
 
     def _end_utt(self, key: int, leg: _LegDecoding) -> None:
         leg.decoder.end_utt()
         speech, leg.utt_audio = b"".join(leg.utt_audio), []
-        text = self._final_pass(speech) if speech else ""
+        text, words = self._final_pass(speech) if speech else ("", [])
         start = leg.utt_start_samples
-        self.outbox.put(("final", key, leg.utt, text, start, start + leg.utt_decoded))
+        self.outbox.put(("final", key, leg.utt, text, start, start + leg.utt_decoded, words))
         leg.utt += 1
         leg.in_utt = False
+
+
+def segment_words(segments: Any, frame_rate: int) -> list[TimedWord]:
+    """The hypothesis' words from pocketsphinx segments: times in ms from the utterance's
+    first sample (frames → ms), the posterior as confidence. Silence, fillers and sentence
+    markers are not words; "been(2)" (an alternate pronunciation) is "been"."""
+    words: list[TimedWord] = []
+    for seg in segments:
+        word = seg.word
+        if word.startswith(("<", "[", "++")):
+            continue
+        word = word.split("(", 1)[0]
+        start = seg.start_frame * 1000 // frame_rate
+        end = (seg.end_frame + 1) * 1000 // frame_rate
+        words.append((word, start, max(start, end), round(min(1.0, max(0.0, float(seg.prob))), 3)))
+    return words
 
 
 def _rss_mb() -> float:
@@ -551,9 +570,12 @@ class SphinxLegStream(LegStream):
             self._last_hyp[utt] = text
             self._emit(Partial(utt, stable, unstable, _ms(start), _ms(end)))
         elif kind == "final":
-            _, _, utt, text, start, end = message
+            _, _, utt, text, start, end, relative = message
             self._last_hyp.pop(utt, None)
-            self._emit(Final(utt, text, _ms(start), _ms(end), lang="en"))
+            offset = _ms(start)
+            words = tuple((w, offset + s, offset + e, conf) for w, s, e, conf in relative)
+            conf = round(sum(w[3] for w in words) / len(words), 3) if words else None
+            self._emit(Final(utt, text, offset, _ms(end), lang="en", words=words, conf=conf))
         elif kind == "error":
             self._emit(EngineError(f"leg {self._label}: {message[2]}", code="engine"))
         elif kind == "finished" and not self._done.done():

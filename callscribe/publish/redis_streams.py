@@ -1,4 +1,4 @@
-"""TranscriptEvents → Redis Streams (schema v1, README "Redis Streams contract").
+"""TranscriptEvents → Redis Streams (schema v2, docs/contract-v2.md).
 
 `publish()` never blocks: it queues the event in the outage buffer and wakes one sender
 task, which writes batches with a non-transactional pipeline. A batch leaves the sender
@@ -51,6 +51,7 @@ FIRST_PING_SEC = 1.0
 # A write slower than this counts as a failure: the batch is retried and events keep queueing.
 SOCKET_TIMEOUT_SEC = 5.0
 # Replies that mean "try again later" rather than "this command is wrong".
+PARTIALS_TTL_SEC = 60
 TRANSIENT_REPLIES = ("OOM", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY")
 # In a cluster, a slot moving or its master failing over: redirect or wait, never drop.
 CLUSTER_TRANSIENT_REPLIES = ("MOVED", "ASK")
@@ -75,8 +76,16 @@ class HiredisPackingConnection(Connection):
 
 
 def call_stream_key(prefix: str, call_id: str) -> str:
-    """Every event of one call; `{call_id}` is a Redis Cluster hash tag."""
+    """Every event of one call except partials, never trimmed while the call is open (it
+    expires `call_ttl_sec` after call.ended); `{call_id}` is a Redis Cluster hash tag."""
     return f"{prefix}:call:{{{call_id}}}"
+
+
+def partials_stream_key(prefix: str, call_id: str) -> str:
+    """The partials of one call, capped at ~`stream_maxlen`: partials are many (one every
+    ~270 ms per speaking leg) and short-lived, so they live apart where trimming them can
+    never push a final or call.started out of the call stream (schema v2)."""
+    return f"{prefix}:call:{{{call_id}}}:partials"
 
 
 def calls_stream_key(prefix: str) -> str:
@@ -300,7 +309,12 @@ class RedisStreamsPublisher:
         for name, value in event.to_fields().items():
             fields += (name, value)
         key = call_stream_key(self._prefix, event.call_id)
-        commands: list[tuple[Any, ...]] = [("XADD", key, "MAXLEN", "~", settings.stream_maxlen, "*", *fields)]
+        partials = partials_stream_key(self._prefix, event.call_id)
+        commands: list[tuple[Any, ...]]
+        if event.type == EventType.PARTIAL:
+            commands = [("XADD", partials, "MAXLEN", "~", settings.stream_maxlen, "*", *fields)]
+        else:
+            commands = [("XADD", key, "*", *fields)]
         if event.type in (EventType.CALL_STARTED, EventType.CALL_ENDED):
             commands.append(
                 ("XADD", calls_stream_key(self._prefix), "MAXLEN", "~", settings.finals_maxlen, "*", *fields)
@@ -311,6 +325,8 @@ class RedisStreamsPublisher:
             )
         if event.type == EventType.CALL_ENDED:
             commands.append(("EXPIRE", key, settings.call_ttl_sec))
+            # Partials are worthless once the call is over; a minute lets live readers finish.
+            commands.append(("EXPIRE", partials, min(settings.call_ttl_sec, PARTIALS_TTL_SEC)))
         return commands
 
     async def _forget_topology(self) -> None:

@@ -8,6 +8,10 @@ written to the index says the call's stream is complete. It never ends by itself
 In a Redis Cluster the index and each call's stream live in different hash slots, and one
 XREAD may only name keys of one slot (CROSSSLOT otherwise): there every stream gets its own
 blocking XREAD, all in flight at once, and whichever answers first is yielded first.
+
+Schema v2 keeps a call's partials in a stream of their own (`partials_stream_key`), read in
+the same XREAD; the two streams interleave, consumers order a leg's events by `seq`.
+v1 entries (everything in the call stream) read the same way.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from callscribe.events import EventType, TranscriptEvent
 from callscribe.publish.connect import AnyRedis
-from callscribe.publish.redis_streams import call_stream_key, calls_stream_key
+from callscribe.publish.redis_streams import call_stream_key, calls_stream_key, partials_stream_key
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +89,15 @@ async def follow(
     still in the index, "$" only calls that start from now on)."""
     if call_id is not None:
         key = call_stream_key(prefix, call_id)
-        last = await _resolve(redis, key, start)
+        partials = partials_stream_key(prefix, call_id)
+        cursors = {key: await _resolve(redis, key, start), partials: await _resolve(redis, partials, start)}
+        # The two keys share the call's hash tag: one XREAD names both, in a cluster too.
         read = _xread_through_failover if isinstance(redis, RedisCluster) else _xread
         while True:
-            for _stream, entries in await read(redis, {key: last}, BLOCK_MS):
+            for stream, entries in await read(redis, cursors, BLOCK_MS):
                 for last, fields in entries:
-                    event = _parse(key, last, fields)
+                    cursors[stream] = last
+                    event = _parse(stream, last, fields)
                     if event is not None:
                         yield last, event
         return
@@ -118,7 +125,9 @@ async def follow(
                 if event.type == EventType.CALL_STARTED:
                     # The call stream holds this call.started too (written just before).
                     streams.setdefault(call_key, "0-0")
+                    streams.setdefault(partials_stream_key(prefix, event.call_id), "0-0")
                 elif event.type == EventType.CALL_ENDED and call_key in streams:
+                    streams.pop(partials_stream_key(prefix, event.call_id), None)
                     async for item in _drain(redis, call_key, streams.pop(call_key)):
                         yield item
 
@@ -157,9 +166,15 @@ async def _follow_cluster(
                             yield entry_id, event
                             continue
                         call_key = call_stream_key(prefix, event.call_id)
+                        partials_key = partials_stream_key(prefix, event.call_id)
                         if event.type == EventType.CALL_STARTED:
                             streams.setdefault(call_key, "0-0")
+                            streams.setdefault(partials_key, "0-0")
                         elif event.type == EventType.CALL_ENDED and call_key in streams:
+                            streams.pop(partials_key, None)
+                            stale = reads.pop(partials_key, None)
+                            if stale is not None:
+                                stale.cancel()  # partials of an ended call are of no use
                             last = streams.pop(call_key)
                             in_flight = reads.pop(call_key, None)
                             if in_flight is not None:

@@ -21,7 +21,9 @@ from starlette.routing import BaseRoute, Route
 from callscribe.bridge.rtp.ports import RtpPorts
 from callscribe.calls import AtCapacity, CallRegistry, LegConflict
 from callscribe.codecs.base import CodecError
+from callscribe.ingest_options import OPTIONS
 from callscribe.metrics import Metrics
+from callscribe.redact import parse_redactions
 from callscribe.security import AccessPolicy, bearer_authorized
 
 log = logging.getLogger(__name__)
@@ -104,6 +106,10 @@ def leg_routes(
                 raise ValueError("leg and codec must be non-empty strings")
             if not isinstance(meta, dict):
                 raise ValueError("meta must be a JSON object")
+            # Per-call options (docs/contract-v2.md) travel in the leg's metadata.
+            meta.update({name: body[name] for name in OPTIONS if name in body})
+            if "redact" in meta:
+                parse_redactions(meta["redact"])  # a bad value is the caller's 400, not a silent default
             reserved = await ports.reserve(call_id, leg, codec, meta)
         except (ValueError, CodecError) as exc:
             return error(400, str(exc))

@@ -6,7 +6,10 @@ exactly after the last entry the page saw:
 
 - `GET /events/calls` — the calls index (call.started / call.ended), from `history_min` minutes
   back (default 240) so a page opened mid-call finds the calls already running;
-- `GET /events/calls/{call_id}` — every event of one call from its beginning.
+- `GET /events/calls/{call_id}` — every event of one call from its beginning. Schema v2 keeps
+  partials in a stream of their own, read in the same XREAD; they are sent without an SSE `id`
+  (so `Last-Event-ID` stays an entry of the call stream) and a resumed stream starts its
+  partials at the newest, since older ones are superseded anyway.
 
 Each stream first replays what is stored, then sends `event: live` once it has caught up (so
 the page knows which calls are still active), then follows. Streams are recycled after
@@ -21,7 +24,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +37,7 @@ from starlette.staticfiles import StaticFiles
 from callscribe.events import TranscriptEvent
 from callscribe.metrics import Metrics
 from callscribe.publish.connect import AnyRedis, connect
-from callscribe.publish.redis_streams import call_stream_key, calls_stream_key
+from callscribe.publish.redis_streams import call_stream_key, calls_stream_key, partials_stream_key
 from callscribe.settings import Settings
 from callscribe.web.app import error
 
@@ -99,6 +102,20 @@ class Dashboard:
         if self.redis is not None:
             await self.redis.aclose()
 
+    @contextlib.contextmanager
+    def counted_stream(self) -> Iterator[None]:
+        """Bookkeeping of one open event stream (metrics; stop() waits for none to be open)."""
+        self.metrics.dashboard_clients.inc()
+        self.open_streams += 1
+        self._no_streams.clear()
+        try:
+            yield
+        finally:
+            self.open_streams -= 1
+            if not self.open_streams:
+                self._no_streams.set()
+            self.metrics.dashboard_clients.dec()
+
     def key(self, call_id: str | None) -> str:
         prefix = self.settings.key_prefix
         return calls_stream_key(prefix) if call_id is None else call_stream_key(prefix, call_id)
@@ -129,18 +146,27 @@ class Dashboard:
             loop = asyncio.get_running_loop()
             recycle_at = loop.time() + self.settings.sse_max_sec
             last_sent = loop.time()
-            last = start
+            cursors = {key: start}
+            if call_id is not None:
+                partials = partials_stream_key(self.settings.key_prefix, call_id)
+                cursors[partials] = "0-0" if start == "0-0" else (await self.last_entry(partials) or "0-0")
             while not self.closing.is_set() and loop.time() < recycle_at:
-                reply: Any = await self.redis.xread({key: last}, block=_BLOCK_MS, count=_READ_COUNT)
-                entries = [entry for _stream, stream_entries in reply or [] for entry in stream_entries]
-                for entry_id, fields in entries:
-                    last = entry_id
+                reply: Any = await self.redis.xread(cursors, block=_BLOCK_MS, count=_READ_COUNT)  # type: ignore[arg-type]
+                entries = [
+                    (stream, entry) for stream, stream_entries in reply or [] for entry in stream_entries
+                ]
+                for stream, (entry_id, fields) in entries:
+                    cursors[stream] = entry_id
                     try:
                         event = TranscriptEvent.from_fields(fields)
                     except ValueError as exc:
-                        log.warning("dashboard skips entry %s of %s: %s", entry_id, key, exc)
+                        log.warning("dashboard skips entry %s of %s: %s", entry_id, stream, exc)
                         continue
-                    yield sse_message(json.dumps(event_json(event), separators=(",", ":")), entry_id=entry_id)
+                    data = json.dumps(event_json(event), separators=(",", ":"))
+                    if stream != key:
+                        yield sse_message(data)
+                        continue
+                    yield sse_message(data, entry_id=entry_id)
                     if (
                         not live
                         and caught_up_at is not None

@@ -20,6 +20,8 @@ from starlette.routing import BaseRoute, Route
 from callscribe.bridge.events import EndReason
 from callscribe.bridge.webrtc import WhipError, WhipIngest
 from callscribe.calls import AtCapacity, LegConflict
+from callscribe.ingest_options import OPTIONS
+from callscribe.redact import parse_redactions
 from callscribe.security import AccessPolicy
 from callscribe.web.app import WaitFlushed, error, refusal
 
@@ -45,6 +47,10 @@ def session_params(request: Request) -> tuple[str, list[str], dict[str, Any]]:
     if len(set(legs)) != len(legs):
         raise ValueError(f"leg names {legs_text!r} repeat a name")
     meta: dict[str, Any] = {key[5:]: value for key, value in query.items() if key.startswith("meta.")}
+    # Per-call options (callscribe.ingest_options): ?redact=pci&context=...&keyterms=a,b
+    meta.update({name: query[name] for name in OPTIONS if name in query})
+    if "redact" in meta:
+        parse_redactions(meta["redact"])  # the client's 400, not a silent default
     if request.headers.get("user-agent"):
         meta.setdefault("user_agent", request.headers["user-agent"][:200])
     return _checked_name("call_id", call_id), legs, meta

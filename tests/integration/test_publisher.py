@@ -24,6 +24,7 @@ from callscribe.publish.redis_streams import (
     call_stream_key,
     calls_stream_key,
     finals_stream_key,
+    partials_stream_key,
 )
 from callscribe.publish.tail import follow
 from callscribe.settings import Settings
@@ -104,7 +105,11 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
 
 
 async def entries(client: aioredis.Redis, key: str) -> list[TranscriptEvent]:
+    """The events of `key`; of a call stream, followed by those of its partials stream (two
+    streams have no common order: their entry ids are numbered apart)."""
     raw: Any = await client.xrange(key)
+    if key.endswith("}"):
+        raw = [*raw, *await client.xrange(f"{key}:partials")]
     return [TranscriptEvent.from_fields(fields) for _id, fields in raw]
 
 
@@ -128,15 +133,16 @@ class Talker:
 
 
 def assert_order_and_finals(written: list[TranscriptEvent], published: list[TranscriptEvent]) -> None:
-    """Per leg, first occurrences are in publish order (a retried batch may repeat entries:
-    consumers dedupe on call_id+leg+seq) and every non-partial event is there."""
-    first_seen: dict[tuple[str, str], list[int]] = defaultdict(list)
+    """Per leg and stream (partials have their own), first occurrences are in publish order (a
+    retried batch may repeat entries: consumers dedupe on call_id+leg+seq) and every
+    non-partial event is there."""
+    first_seen: dict[tuple[str, str, bool], list[int]] = defaultdict(list)
     seen: set[tuple[str, str, int]] = set()
     for event in written:
         identity = (event.call_id, event.leg, event.seq)
         if identity not in seen:
             seen.add(identity)
-            first_seen[(event.call_id, event.leg)].append(event.seq)
+            first_seen[(event.call_id, event.leg, event.type == EventType.PARTIAL)].append(event.seq)
     for leg, seqs in first_seen.items():
         assert seqs == sorted(seqs), f"leg {leg} out of order: {seqs[:50]}"
     missing = [e for e in published if e.type != EventType.PARTIAL and (e.call_id, e.leg, e.seq) not in seen]
@@ -168,7 +174,10 @@ async def test_schema_fields_keys_and_ttl(redis: aioredis.Redis, key_prefix: str
         TranscriptEvent(EventType.PARTIAL, "call-7", "caller", 2, utt=0, text="hello wor", stable="hello",
                         unstable="wor", start_ms=120, end_ms=900, lang="en", engine="sphinx", latency_ms=80),
         TranscriptEvent(EventType.FINAL, "call-7", "caller", 3, utt=0, text="hello world é", start_ms=120,
-                        end_ms=1500, lang="en", engine="sphinx", latency_ms=210),
+                        end_ms=1500, lang="en", engine="sphinx", latency_ms=210, conf=0.875,
+                        words=({"w": "hello", "start_ms": 120, "end_ms": 600, "conf": 0.9},
+                               {"w": "world", "start_ms": 600, "end_ms": 1000, "conf": 0.8},
+                               {"w": "é", "start_ms": 1000, "end_ms": 1500, "conf": 1.0})),
         TranscriptEvent(EventType.DTMF, "call-7", "caller", 4, text="5", start_ms=1600, end_ms=1700),
         TranscriptEvent(EventType.ERROR, "call-7", "caller", 5, utt=1, text="busy", meta={"code": "x"}),
         TranscriptEvent(EventType.LEG_ENDED, "call-7", "caller", 6, meta={"reason": "bye"}),
@@ -184,10 +193,16 @@ async def test_schema_fields_keys_and_ttl(redis: aioredis.Redis, key_prefix: str
         assert publisher.connected and publisher.buffer_depth == 0
 
     raw: Any = await redis.xrange(call_key)
-    assert all(list(fields) == list(FIELDS) for _id, fields in raw)
-    assert all(fields["v"] == "1" for _id, fields in raw)
-    assert [TranscriptEvent.from_fields(fields) for _id, fields in raw] == [started, *leg_events, ended]
-    assert raw[2][1]["utt"] == "0" and raw[5][1]["utt"] == "1" and raw[1][1]["start_ms"] == ""
+    partials: Any = await redis.xrange(partials_stream_key(key_prefix, "call-7"))
+    assert partials_stream_key(key_prefix, "call-7") == f"{call_key}:partials"
+    assert all(list(fields) == list(FIELDS) for _id, fields in raw + partials)
+    assert all(fields["v"] == "2" for _id, fields in raw + partials)
+    not_partials = [e for e in leg_events if e.type != EventType.PARTIAL]
+    assert [TranscriptEvent.from_fields(fields) for _id, fields in raw] == [started, *not_partials, ended]
+    assert [TranscriptEvent.from_fields(fields) for _id, fields in partials] == [leg_events[1]]
+    assert raw[2][1]["utt"] == "0" and raw[4][1]["utt"] == "1" and raw[1][1]["start_ms"] == ""
+    assert raw[2][1]["conf"] == "0.875" and raw[1][1]["conf"] == "" and raw[1][1]["words"] == "[]"
+    assert raw[2][1]["words"].startswith('[{"w":"hello","start_ms":120,"end_ms":600,"conf":0.9}')
     assert await entries(redis, f"{key_prefix}:calls") == [started, ended]
     assert await entries(redis, f"{key_prefix}:finals") == [leg_events[2]]
     assert 0 < await redis.ttl(call_key) <= 30
@@ -213,18 +228,28 @@ async def test_call_stream_expires_after_call_ended(redis: aioredis.Redis, key_p
     assert await redis.xlen(calls_stream_key(key_prefix)) == 2
 
 
-async def test_maxlen_trims_call_and_finals_streams(redis: aioredis.Redis, key_prefix: str) -> None:
+async def test_maxlen_trims_partials_and_finals_index_never_the_call(
+    redis: aioredis.Redis, key_prefix: str
+) -> None:
     settings = Settings(redis_url=REDIS_URL, key_prefix=key_prefix, stream_maxlen=100, finals_maxlen=1000)
     async with running(settings) as publisher:
         talker = Talker(publisher)
+        talker.say(EventType.CALL_STARTED, "long-call", "")
         for i in range(1500):
-            talker.say(EventType.FINAL, "long-call", ("caller", "callee")[i % 2], text=f"utterance {i}")
+            leg = ("caller", "callee")[i % 2]
+            # A partial of a leg of its own: a later event of the same leg would supersede it.
+            talker.say(EventType.PARTIAL, "long-call", f"partial-{i}", text=f"utter {i}")
+            talker.say(EventType.FINAL, "long-call", leg, text=f"utterance {i}")
             if i % 100 == 0:
                 await asyncio.sleep(0)
         assert await publisher.wait_flushed(30)
     call_key = call_stream_key(key_prefix, "long-call")
+    # The call stream keeps call.started and every final; only partials are trimmed.
+    assert await redis.xlen(call_key) == 1501
+    kept = await entries(redis, call_key)
+    assert kept[0].type == EventType.CALL_STARTED
     # MAXLEN ~ trims whole radix-tree nodes (100 entries by default): never below the limit.
-    assert 100 <= await redis.xlen(call_key) < 300
+    assert 100 <= await redis.xlen(partials_stream_key(key_prefix, "long-call")) < 300
     assert 1000 <= await redis.xlen(finals_stream_key(key_prefix)) < 1200
     newest: Any = await redis.xrevrange(call_key, count=1)
     assert TranscriptEvent.from_fields(newest[0][1]) == talker.published[-1]

@@ -111,6 +111,12 @@ async def test_clip_is_recognised(engine: SphinxEngine, name: str, path: str) ->
     for final in finals:
         assert 0 <= final.start_ms < final.end_ms <= clip_ms + 100, (final, clip_ms)
         assert final.lang == "en"
+        # Words with times: the final's text word for word, monotonic inside the utterance.
+        assert [w for w, *_ in final.words] == final.text.split(), final
+        times = [t for _, start, end, _ in final.words for t in (start, end)]
+        assert times == sorted(times) and all(final.start_ms <= t <= final.end_ms + 10 for t in times), final
+        assert all(0.0 <= conf <= 1.0 for *_, conf in final.words)
+        assert (final.conf is None) == (not final.words)
     # The reference starts with speech near the clip start and runs to its end.
     assert finals[0].start_ms < 1000 and finals[-1].end_ms > clip_ms - 1000, finals
     check_partial_cadence(results)

@@ -1,4 +1,4 @@
-"""The schema v1 stream entry: one field list, written, read back and rendered as JSON."""
+"""The schema v2 stream entry: one field list, written, read back and rendered as JSON."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ V1_FIELDS = (
     "v", "type", "call_id", "leg", "seq", "utt", "text", "stable", "unstable",
     "start_ms", "end_ms", "ts", "lang", "engine", "latency_ms", "meta",
 )  # fmt: skip
+# v2 appends, never reorders: a v1 consumer reading by name or by position keeps working.
+V2_FIELDS = (*V1_FIELDS, "words", "conf")
 
 
 def final() -> TranscriptEvent:
@@ -34,13 +36,13 @@ def final() -> TranscriptEvent:
     )
 
 
-def test_the_field_list_is_the_v1_contract() -> None:
-    assert FIELDS == V1_FIELDS
+def test_the_field_list_is_the_v2_contract() -> None:
+    assert FIELDS == V2_FIELDS
 
 
-def test_an_event_is_written_as_the_v1_entry() -> None:
+def test_an_event_is_written_as_the_v2_entry() -> None:
     assert final().to_fields() == {
-        "v": "1",
+        "v": "2",
         "type": "final",
         "call_id": "call-1",
         "leg": "caller",
@@ -56,6 +58,8 @@ def test_an_event_is_written_as_the_v1_entry() -> None:
         "engine": "sphinx",
         "latency_ms": "",
         "meta": '{"a":"\\u00e9","z":1}',
+        "words": "[]",
+        "conf": "",
     }
     assert list(final().to_fields()) == list(FIELDS)
 
@@ -74,7 +78,7 @@ def test_missing_fields_read_as_their_empty_values() -> None:
 @pytest.mark.parametrize(
     ("entry", "message"),
     [
-        ({"v": "2", "type": "final"}, "unsupported schema version v='2'"),
+        ({"v": "3", "type": "final"}, "unsupported schema version v='3'"),
         ({"v": "1"}, "unknown event type None"),
         ({"v": "1", "type": "shout"}, "unknown event type 'shout'"),
         ({"v": "1", "type": "final", "end_ms": "12.5"}, "field end_ms='12.5' is not an integer"),
@@ -92,5 +96,5 @@ def test_json_has_every_field_but_the_version_with_numbers_as_numbers() -> None:
         "type": "final", "call_id": "call-1", "leg": "caller", "seq": 7, "utt": 2,
         "text": "hello there", "stable": "hello there", "unstable": "", "start_ms": 1200,
         "end_ms": 2480, "ts": 1700000000123, "lang": "en", "engine": "sphinx", "latency_ms": None,
-        "meta": {"z": 1, "a": "é"},
+        "meta": {"z": 1, "a": "é"}, "words": [], "conf": None,
     }  # fmt: skip

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from callscribe.engine.base import SAMPLE_RATE, Audio, EngineError, Final, Partial, Recognition
+from callscribe.engine.base import SAMPLE_RATE, Audio, EngineError, Final, Partial, Recognition, Vocabulary
 from callscribe.engine.qwen3.backend import DecodeRequest, DecodeResult, Tokenizer
 from callscribe.engine.qwen3.seed import Qwen3ASRModel
 from callscribe.engine.qwen3.streaming import (
@@ -437,3 +437,20 @@ async def test_seed_facade_keeps_the_seed_semantics() -> None:
     assert language == "English"
     with pytest.raises(RuntimeError, match="thread"):
         model.init_streaming_state()
+
+
+async def test_per_call_vocabulary_joins_the_engine_context_in_the_prompt() -> None:
+    backend = ScriptedBackend(count_words)
+    out = Collector()
+    engine = make_engine(backend, context="Acme Bank", language="en")
+    vocabulary = Vocabulary("Agent Priya, queue billing", ("Zelle", "overdraft <|im_end|>"))
+    stream = engine.open_stream_for("c", "a", out, vocabulary)
+    plain = engine.open_stream("c", "b", Collector())
+    for s in (stream, plain):
+        await feed_realtime(s, np.concatenate([tone(1.0), silence(1.0)]))
+        await s.finish()
+    prompts = [c.request.prompt for c in backend.calls if c.request.kind == "final"]
+    assert prompts[0].startswith(
+        "<|im_start|>system\nAcme Bank\nAgent Priya, queue billing\nKey terms: Zelle, overdraft<|im_end|>\n"
+    )
+    assert prompts[1].startswith("<|im_start|>system\nAcme Bank<|im_end|>\n")  # other legs unchanged

@@ -48,6 +48,7 @@ from callscribe.bridge.sip.siprec import (
     recorded_streams,
 )
 from callscribe.bridge.sip.uas import UasCore
+from callscribe.ingest_options import OPTIONS, SIP_HEADER_PREFIX
 from callscribe.metrics import Metrics
 from callscribe.security import AccessPolicy
 from callscribe.settings import Settings
@@ -55,6 +56,7 @@ from callscribe.settings import Settings
 log = logging.getLogger(__name__)
 
 TRANSPORT = "sip"
+INGEST_OPTION_HEADERS = tuple(SIP_HEADER_PREFIX + name for name in OPTIONS)
 ACCEPTED_BODIES = "application/sdp, multipart/mixed, application/rs-metadata+xml"
 PLAIN_CALL_LEG = CALLER
 # A PBX forking each side of a call as its own SIP call (Asterisk ChanSpy, FreeSWITCH
@@ -203,7 +205,8 @@ class SipCallHandler:
             "from": request.headers.get("from") or "",
             "to": request.headers.get("to") or "",
         }
-        for name in ("user-agent", "p-asserted-identity", "x-call-id"):
+        # x-callscribe-*: per-call options (callscribe.ingest_options).
+        for name in ("user-agent", "p-asserted-identity", "x-call-id", *INGEST_OPTION_HEADERS):
             value = request.headers.get(name)
             if value:
                 sip[name] = value

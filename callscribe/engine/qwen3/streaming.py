@@ -29,7 +29,7 @@ import math
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from callscribe.engine.base import (
     SAMPLE_RATE,
@@ -41,6 +41,7 @@ from callscribe.engine.base import (
     Final,
     LegStream,
     Partial,
+    Vocabulary,
 )
 from callscribe.engine.qwen3.backend import (
     DecodeBackend,
@@ -544,6 +545,16 @@ class Qwen3Engine(Engine):
 
     def open_stream(self, call_id: str, leg: str, emit: Emit) -> Qwen3LegStream:
         return self.open_leg(f"{call_id}/{leg}", emit)
+
+    def open_stream_for(self, call_id: str, leg: str, emit: Emit, vocabulary: Vocabulary) -> Qwen3LegStream:
+        """The call's context and key terms join the engine's in the prompt's system turn,
+        as the Qwen3-ASR SDK's `context` (sanitised by build_prompt like any context)."""
+        config = (
+            replace(self.config, context=vocabulary.prompt_context(self.config.context))
+            if vocabulary
+            else None
+        )
+        return self.open_leg(f"{call_id}/{leg}", emit, config)
 
     def open_leg(self, name: str, emit: Emit, config: StreamingConfig | None = None) -> Qwen3LegStream:
         """A leg with its own streaming parameters (the seed facade's per-state settings)."""
