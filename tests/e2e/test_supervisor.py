@@ -16,9 +16,9 @@ import redis.asyncio as aioredis
 from callscribe.calls import Leg
 from callscribe.events import EventType, TranscriptEvent
 from callscribe.publish.redis_streams import call_stream_key
-from tests.conftest import ServiceFactory
 from tests.e2e.chromium import Chromium, Page
 from tests.scripted_engine import TimedScriptEngine
+from tests.support import ServiceFactory
 
 OUTPUT = Path(__file__).resolve().parents[2] / "test-output" / "e2e" / "supervisor"
 CALLS = 12

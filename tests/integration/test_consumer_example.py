@@ -19,7 +19,7 @@ from callscribe.events import EventType, TranscriptEvent
 from callscribe.metrics import Metrics
 from callscribe.publish.redis_streams import RedisStreamsPublisher
 from callscribe.settings import Settings
-from tests.conftest import REDIS_URL
+from tests.support import REDIS_URL
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))
 from consumer import FinalsConsumer, rebuild

@@ -13,9 +13,8 @@ import redis.asyncio as aioredis
 from websockets.asyncio.client import connect
 
 from callscribe.events import EventType
-from tests.conftest import ServiceFactory
 from tests.fork_senders import asterisk_websocket_stream, encoded_frames, replay, twilio_stream
-from tests.support import read_call_events
+from tests.support import ServiceFactory, read_call_events
 
 SILENCE = encoded_frames(np.zeros(8000, dtype=np.int16), 8000, "pcmu")  # 1 s
 

@@ -15,8 +15,8 @@ from callscribe.events import EventType, TranscriptEvent
 from callscribe.metrics import Metrics
 from callscribe.publish.redis_streams import RedisStreamsPublisher, call_stream_key, partials_stream_key
 from callscribe.settings import Settings
-from tests.conftest import REDIS_URL
 from tests.scripted_engine import TimedScriptEngine
+from tests.support import REDIS_URL
 
 CALL_SEC = 2 * 3600
 CHUNK_SEC = 2

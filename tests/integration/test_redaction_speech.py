@@ -28,9 +28,9 @@ from callscribe.metrics import Metrics
 from callscribe.publish.redis_streams import RedisStreamsPublisher
 from callscribe.redact import MASK, Redaction, Redactor, luhn_valid
 from callscribe.settings import Settings
-from tests.conftest import ServiceFactory
 from tests.integration.test_rtp_ingest import ISOLATED, Impairment, schedule, send_schedule, ulaw_frames
 from tests.scripted_engine import TimedScriptEngine
+from tests.support import ServiceFactory
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
 

@@ -18,8 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from callscribe.events import EventType, TranscriptEvent
-from tests.conftest import ServiceFactory
-from tests.support import finals_text, free_port, free_port_range, load_clip
+from tests.support import ServiceFactory, finals_text, free_port, free_port_range, load_clip
 
 pytestmark = pytest.mark.lab
 

@@ -31,10 +31,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from callscribe.events import EventType, TranscriptEvent
-from tests.conftest import REDIS_URL
 from tests.integration.sip_peers import SCENARIOS, PcapStream, write_pcmu_pcap
 from tests.lab.peers import KAMAILIO, ROOT, kamailio_command, kamailio_config, kamailio_version, run_sipp_here
-from tests.support import free_port, load_clip, serve_command
+from tests.support import REDIS_URL, free_port, load_clip, serve_command
 
 pytestmark = pytest.mark.lab
 
