@@ -25,6 +25,7 @@ import numpy as np
 
 from callscribe.bridge.forks.admission import SourceLimit
 from callscribe.calls import AtCapacity, CallRegistry, Leg, LegConflict
+from callscribe.ids import InvalidId
 from callscribe.metrics import Metrics
 from callscribe.security import AccessPolicy
 from callscribe.settings import Settings
@@ -323,7 +324,7 @@ class AudioSocketConnection:
                 self.leg = self.server.registry.open_leg(
                     event.call_id, "caller", {"source": "audiosocket", "peer": self.source}
                 )
-            except (LegConflict, AtCapacity) as exc:
+            except (LegConflict, AtCapacity, InvalidId) as exc:
                 metrics.drop(TRANSPORT, "refused")
                 log.warning("AudioSocket %s call %s refused: %s", self.source, event.call_id, exc)
                 # Asterisk's AudioSocket() returns to the dialplan when the socket closes.

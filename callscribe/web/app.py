@@ -92,10 +92,10 @@ def leg_routes(service: Service) -> list[BaseRoute]:
             if not isinstance(meta, dict):
                 raise ValueError("meta must be a JSON object")
             reserved = await service.rtp.reserve(call_id, leg, codec, meta)
-        except (ValueError, CodecError) as exc:
-            return error(400, str(exc))
         except LegConflict as exc:
             return error(409, str(exc))
+        except (ValueError, CodecError) as exc:
+            return error(400, str(exc))
         except AtCapacity as exc:
             return error(503, str(exc))
         return JSONResponse(

@@ -28,6 +28,7 @@ from callscribe.bridge.forks.events import (
 from callscribe.calls import AtCapacity, CallRegistry, Leg, LegConflict
 from callscribe.codecs import CodecError, Decoder, decoder_for, spec_by_name
 from callscribe.events import EventType, TranscriptEvent
+from callscribe.ids import ID_RULE, InvalidId, is_valid_id
 from callscribe.metrics import Metrics
 from callscribe.security import AccessPolicy
 
@@ -175,6 +176,11 @@ class ForkSession:
                 "fork %s from %s refused: %s token in the start message", self.parser.dialect, self.peer, why
             )
             raise StreamEnded(CLOSE_POLICY, f"{why} token", "refused")
+        if not is_valid_id(event.call_id):
+            self.metrics.drop(self.transport, "invalid-id")
+            refusal = InvalidId("call_id", event.call_id)
+            log.warning("fork %s from %s refused: %s", self.parser.dialect, self.peer, refusal)
+            raise StreamEnded(CLOSE_POLICY, f"call id must be {ID_RULE}"[:120], "refused")
         self.started = event
         if event.reply_transcripts:
             self.replies = asyncio.Queue()
@@ -197,6 +203,9 @@ class ForkSession:
         except LegConflict as exc:
             self.metrics.drop(self.transport, "leg-conflict")
             raise StreamEnded(CLOSE_POLICY, str(exc), "refused") from None
+        except InvalidId as exc:
+            self.metrics.drop(self.transport, "invalid-id")
+            raise StreamEnded(CLOSE_POLICY, str(exc)[:120], "refused") from None
         except AtCapacity as exc:
             self.metrics.drop(self.transport, "capacity")
             raise StreamEnded(CLOSE_TRY_LATER, str(exc), "refused") from None
