@@ -18,10 +18,11 @@ from starlette.routing import BaseRoute
 
 from callscribe.calls import CallRegistry
 from callscribe.engine.base import Engine
+from callscribe.listeners import bind_http_socket, component_listen_error
 from callscribe.metrics import Metrics
 from callscribe.publish.redis_streams import RedisStreamsPublisher
 from callscribe.security import AccessPolicy
-from callscribe.settings import Settings
+from callscribe.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class Service:
         self.route_factories: list[Callable[[Service], list[BaseRoute]]] = []
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[Any] | None = None
+        self._ready_task: asyncio.Task[None] | None = None
         # What start() or stop() is doing now: named in the log when a signal or timeout hits.
         self.phase = "not started"
 
@@ -102,7 +104,11 @@ class Service:
         self._add_webrtc_and_dashboard()
         self._add_media_forks()
         for component in self.components:
-            await component.start()
+            try:
+                await component.start()
+            except OSError as exc:
+                raise component_listen_error(component, self.settings, exc) from exc
+        http_socket = bind_http_socket(self.settings)
         config = uvicorn.Config(
             create_app(self),
             host=self.settings.http_host,
@@ -114,12 +120,25 @@ class Service:
             timeout_graceful_shutdown=5,
         )
         self._http = _EmbeddedHttpServer(config)
-        self._http_task = asyncio.create_task(self._http.serve())
+        self._http_task = asyncio.create_task(self._http.serve(sockets=[http_socket]))
         while not self._http.started:
             if self._http_task.done():
                 self._http_task.result()
                 raise RuntimeError(f"HTTP server did not start on port {self.settings.http_port}")
             await asyncio.sleep(0.02)
+        log.info("access %s", self.policy.describe())
+        self.phase = "running"
+        self._ready_task = asyncio.create_task(self._announce_ready())
+
+    async def _announce_ready(self) -> None:
+        """Log "ready" only when /readyz would say so: until Redis answers, say what is awaited."""
+        if not self.publisher.connected:
+            log.warning(
+                "callscribe started, not ready: waiting for Redis at %s (/readyz answers 503 until then)",
+                redact_url(self.settings.redis_url),
+            )
+            while not self.publisher.connected:  # noqa: ASYNC110 (the publisher has no event to wait on)
+                await asyncio.sleep(0.2)
         log.info(
             "callscribe ready engine=%s http=%s:%d rtp=%s:%d",
             self.engine.name,
@@ -128,8 +147,6 @@ class Service:
             self.settings.rtp_host,
             self.settings.rtp_port,
         )
-        log.info("access %s", self.policy.describe())
-        self.phase = "running"
 
     def _add_webrtc_and_dashboard(self) -> None:
         from callscribe.bridge.webrtc import WhipIngest
@@ -151,6 +168,8 @@ class Service:
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
         self.registry.accepting = False
+        if self._ready_task is not None:
+            self._ready_task.cancel()
 
         async def drain() -> None:
             # Ingest components end their own legs first: they hold audio not yet fed

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import struct
 import wave
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 import soxr
 
 from callscribe.bridge.rtp import RtpPacket
-from callscribe.codecs import encoder_for, spec_by_name
+from callscribe.codecs import decoder_for, encoder_for, spec_by_name
 from callscribe.codecs.base import CodecError, CodecSpec, Pcm16
 
 DYNAMIC_PT = 96  # what `send` uses for codecs without a static type, unless told otherwise
@@ -40,17 +41,49 @@ class SendStats:
         )
 
 
+# WAVE format tags (RFC 2361) of the G.711 WAVs phone systems record; the stdlib reads PCM only.
+_WAVE_ALAW, _WAVE_MULAW = 6, 7
+
+
 def read_wav_mono(path: Path) -> tuple[Pcm16, int]:
-    """16-bit PCM WAV → mono int16 (channels averaged) and its rate; ValueError otherwise."""
+    """16-bit PCM or G.711 (μ-law/A-law) WAV → mono int16 (channels averaged) and its rate;
+    ValueError otherwise."""
     try:
         with wave.open(str(path), "rb") as wav:
             channels, width, rate = wav.getnchannels(), wav.getsampwidth(), wav.getframerate()
             raw = wav.readframes(wav.getnframes())
-    except (wave.Error, EOFError) as exc:
+    except wave.Error as exc:
+        if "unknown format: 6" in str(exc) or "unknown format: 7" in str(exc):
+            return _read_g711_wav(path)
+        raise ValueError(f"{path} is not a readable WAV file: {exc}") from None
+    except EOFError as exc:
         raise ValueError(f"{path} is not a readable WAV file: {exc}") from None
     if width != 2:
-        raise ValueError(f"{path} has {8 * width}-bit samples; 16-bit PCM is expected")
+        raise ValueError(f"{path} has {8 * width}-bit samples; 16-bit PCM or G.711 is expected")
     samples = np.frombuffer(raw, dtype="<i2").reshape(-1, channels).astype(np.int32)
+    return samples.mean(axis=1).round().astype(np.int16), rate
+
+
+def _read_g711_wav(path: Path) -> tuple[Pcm16, int]:
+    data = path.read_bytes()
+    fmt: tuple[int, int, int] | None = None
+    payload: bytes | None = None
+    pos = 12
+    while pos + 8 <= len(data):
+        chunk, size = data[pos : pos + 4], struct.unpack_from("<I", data, pos + 4)[0]
+        body = data[pos + 8 : pos + 8 + size]
+        if chunk == b"fmt " and len(body) >= 16:
+            tag, channels, rate = struct.unpack_from("<HHI", body)
+            fmt = (tag, channels, rate)
+        elif chunk == b"data":
+            payload = body
+        pos += 8 + size + (size & 1)
+    if fmt is None or payload is None or fmt[1] < 1:
+        raise ValueError(f"{path} is not a readable WAV file: no fmt or data chunk")
+    tag, channels, rate = fmt
+    decoder = decoder_for(spec_by_name("pcmu" if tag == _WAVE_MULAW else "pcma"))
+    usable = len(payload) - len(payload) % channels
+    samples = decoder.decode(payload[:usable]).reshape(-1, channels).astype(np.int32)
     return samples.mean(axis=1).round().astype(np.int16), rate
 
 
