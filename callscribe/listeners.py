@@ -12,6 +12,9 @@ from callscribe.settings import Settings
 class ListenError(OSError):
     """A listener could not bind; the message names the listener, the address and the setting."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)  # without OSError's "[Errno 98]" prefix: the text says it
+
 
 def _setting(name: str) -> str:
     return f"--{name.replace('_', '-')} or CALLSCRIBE_{name.upper()}"

@@ -89,6 +89,8 @@ class Service:
         from callscribe.bridge.udp import RtpIngest
         from callscribe.web.app import create_app
 
+        # The HTTP port first: a taken port fails the start at once, not after the engine loaded.
+        http_socket = bind_http_socket(self.settings)
         self.phase = "connecting to Redis"
         await self.publisher.start()
         self.phase = f"starting the {self.engine.name} engine"
@@ -107,8 +109,8 @@ class Service:
             try:
                 await component.start()
             except OSError as exc:
+                http_socket.close()
                 raise component_listen_error(component, self.settings, exc) from exc
-        http_socket = bind_http_socket(self.settings)
         config = uvicorn.Config(
             create_app(self),
             host=self.settings.http_host,

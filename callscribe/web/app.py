@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Match, Route
 
 from callscribe.calls import AtCapacity, LegConflict
 from callscribe.codecs.base import CodecError
 from callscribe.security import AccessPolicy, bearer_authorized
+from callscribe.web.cors import WhipCors
 
 if TYPE_CHECKING:
     from callscribe.service import Service
@@ -22,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LEG_FIELDS = frozenset({"call_id", "leg", "codec", "meta"})
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -83,6 +88,11 @@ def leg_routes(service: Service) -> list[BaseRoute]:
             return response
         try:
             body = await read_json_object(request)
+            unknown = sorted(set(body) - LEG_FIELDS)
+            if unknown:
+                raise ValueError(
+                    f"unknown field {unknown[0]!r}; known fields: {', '.join(sorted(LEG_FIELDS))}"
+                )
             call_id, leg, codec = body.get("call_id"), body.get("leg", "caller"), body.get("codec", "pcmu")
             meta = body.get("meta", {})
             if not isinstance(call_id, str) or not call_id:
@@ -129,8 +139,62 @@ def leg_routes(service: Service) -> list[BaseRoute]:
     ]
 
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """404, 405 and other HTTP errors as {"error": ...}, like every other error of the API."""
+    assert isinstance(exc, HTTPException)
+    message = {
+        404: f"no route {request.url.path}",
+        405: f"{request.method} is not allowed on {request.url.path}",
+    }
+    response = error(exc.status_code, message.get(exc.status_code, str(exc.detail)))
+    for name, value in (exc.headers or {}).items():
+        response.headers[name] = value
+    if exc.status_code == 405:
+        # Starlette names only the first route of the path; a path served by several routes
+        # (GET and POST /v1/legs) allows the methods of all of them.
+        allowed: set[str] = set()
+        for route in request.app.routes:
+            if isinstance(route, Route) and route.matches(request.scope)[0] is Match.PARTIAL:
+                allowed |= route.methods or set()
+        if allowed:
+            response.headers["Allow"] = ", ".join(sorted(allowed))
+    return response
+
+
+def meta_routes(routes: list[BaseRoute]) -> list[BaseRoute]:
+    """/openapi.json (describing `routes` and itself) and /favicon.ico."""
+    from importlib import metadata
+
+    from starlette.routing import WebSocketRoute
+
+    from callscribe.web.openapi import openapi_document
+
+    dialects = [
+        route.path.removeprefix("/fork/")
+        for route in routes
+        if isinstance(route, WebSocketRoute) and route.path.startswith("/fork/")
+    ]
+    document = openapi_document(metadata.version("callscribe"), dialects)
+    favicon_path = Path(__file__).parent / "static" / "favicon.svg"
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(document)
+
+    async def favicon(request: Request) -> Response:
+        return FileResponse(
+            favicon_path, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"}
+        )
+
+    return [Route("/openapi.json", openapi), Route("/favicon.ico", favicon)]
+
+
 def create_app(service: Service) -> Starlette:
     routes = [*health_routes(service), *leg_routes(service)]
     for factory in service.route_factories:
         routes.extend(factory(service))
-    return Starlette(routes=routes)
+    routes.extend(meta_routes(routes))
+    return Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: _http_error},
+        middleware=[Middleware(WhipCors, origins=list(service.settings.cors_origins))],
+    )
