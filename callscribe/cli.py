@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -275,24 +276,59 @@ async def _serve(settings: Any, drain_timeout: float) -> None:
 
 @app.command()
 def send(
-    file: Annotated[Path, typer.Argument(help="WAV file to send", exists=True, dir_okay=False)],
+    file: Annotated[
+        Path, typer.Argument(help="WAV file to send (16-bit PCM or G.711)", exists=True, dir_okay=False)
+    ],
     to: Annotated[str, typer.Option("--to", help="destination HOST:PORT")],
-    codec: Annotated[str, typer.Option(help="pcmu, pcma, opus, l16, g722 ...")] = "pcmu",
+    codec: Annotated[
+        str, typer.Option(help="pcmu, pcma, g722, opus, l16, l16-8k, l16-16k, l16-44k, l16-48k")
+    ] = "pcmu",
     ptime: Annotated[int, typer.Option(help="packet time in ms")] = 20,
     speed: Annotated[float, typer.Option(help="1.0 = real time, 2.0 = twice as fast")] = 1.0,
+    progress: Annotated[
+        bool | None, typer.Option("--progress/--no-progress", help="progress line (default: on a terminal)")
+    ] = None,
 ) -> None:
-    """Send a WAV file as one RTP stream, paced in real time (a test peer, and a tool for users)."""
-    from callscribe.bridge.rtp_sender import send_wav
+    """Send a WAV file as one RTP stream, paced in real time, ended by RTCP BYE."""
+    from callscribe.bridge.rtp_sender import datagram_warning, send_codec, send_wav
     from callscribe.codecs.base import CodecError
 
     host, port = parse_host_port(to)
     if speed <= 0:
         raise fail("--speed must be positive")
+    if ptime <= 0:
+        raise fail("--ptime must be a positive number of ms")
     try:
-        stats = asyncio.run(send_wav(file, host, port, codec=codec, ptime_ms=ptime, speed=speed))
+        spec = send_codec(codec)
+    except CodecError as exc:
+        raise fail(str(exc)) from None
+    if warning := datagram_warning(spec, ptime):
+        typer.secho(f"callscribe: warning: {warning}", err=True, fg=typer.colors.YELLOW)
+    show = sys.stderr.isatty() if progress is None else progress
+    report = _progress_line(file.name, ptime) if show else None
+    try:
+        stats = asyncio.run(
+            send_wav(file, host, port, codec=codec, ptime_ms=ptime, speed=speed, progress=report)
+        )
     except (CodecError, ValueError, OSError) as exc:
         raise fail(str(exc)) from None
-    typer.echo(f"sent {stats}", err=True)
+    finally:
+        if show:
+            sys.stderr.write("\n")
+    typer.echo(f"sent {stats}; ended with RTCP BYE", err=True)
+
+
+def _progress_line(name: str, ptime_ms: int) -> Callable[[int, int], None]:
+    """One line on stderr rewritten in place: what is sent of how much."""
+
+    def report(sent: int, total: int) -> None:
+        done = sent * ptime_ms / 1000
+        whole = total * ptime_ms / 1000
+        percent = 100 * sent // total if total else 100
+        sys.stderr.write(f"\rsending {name}: {done:6.1f}/{whole:.1f} s ({percent:3d}%)")
+        sys.stderr.flush()
+
+    return report
 
 
 def format_event(event: TranscriptEvent) -> str:
