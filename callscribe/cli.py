@@ -251,6 +251,13 @@ async def _serve(settings: Any, drain_timeout: float) -> None:
     signalled = loop.create_task(stop.wait())
     await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
     if starting.done():
+        if starting.exception() is not None:
+            # The engine's worker processes were started before a listener failed: stop them,
+            # or they outlive this process (holding its stderr open) after the one-line error.
+            with contextlib.suppress(Exception):
+                await service.engine.close()
+            with contextlib.suppress(Exception):
+                await service.publisher.close()
         starting.result()  # start errors end the process here, with their own message
         await signalled
     else:
