@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from callscribe.bridge.ice_loopback import is_loopback
 from callscribe.bridge.webrtc import WhipError, WhipIngest
 from callscribe.calls import AtCapacity, LegConflict
 from callscribe.ids import IdKind, check_id
@@ -66,7 +67,10 @@ def whip_routes(service: Service) -> list[BaseRoute]:
             return error(413, f"SDP offer of {len(body)} bytes exceeds {MAX_OFFER_BYTES}")
         try:
             call_id, legs, meta = session_params(request)
-            session, answer = await ingest.publish(body.decode("utf-8", "replace"), call_id, legs, meta)
+            client = request.client.host if request.client else None
+            session, answer = await ingest.publish(
+                body.decode("utf-8", "replace"), call_id, legs, meta, loopback_client=is_loopback(client)
+            )
         except WhipError as exc:
             return error(exc.status, str(exc))
         except LegConflict as exc:

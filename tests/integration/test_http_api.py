@@ -168,3 +168,35 @@ async def test_no_cors_headers_without_cors_origins(make_service: ServiceFactory
         )
         assert "access-control-allow-origin" not in preflight.headers
         assert json.dumps(dict(preflight.headers)).count("access-control") == 0
+
+
+async def test_loopback_client_gets_and_can_use_a_loopback_candidate(make_service: ServiceFactory) -> None:
+    from aiortc import RTCSessionDescription
+    from aiortc.mediastreams import AudioStreamTrack
+
+    async with make_service() as svc, httpx.AsyncClient(base_url=base(svc), timeout=30) as http:
+        pc = RTCPeerConnection()
+        pc.addTrack(AudioStreamTrack())
+        await pc.setLocalDescription(await pc.createOffer())
+        reply = await http.post(
+            "/whip?call_id=loop-1",
+            content=pc.localDescription.sdp,
+            headers={"Content-Type": "application/sdp"},
+        )
+        assert reply.status_code == 201, reply.text
+        lines = reply.text.splitlines()
+        loopback = [line for line in lines if line.startswith("a=candidate:") and " 127.0.0.1 " in line]
+        assert loopback, "no 127.0.0.1 host candidate offered to a client on loopback"
+        # Keep only the loopback candidate: the session must connect over it alone.
+        only_loopback = "\r\n".join(
+            line for line in lines if not line.startswith("a=candidate:") or " 127.0.0.1 " in line
+        )
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=only_loopback + "\r\n", type="answer"))
+        try:
+            async with asyncio.timeout(20):
+                while pc.connectionState != "connected":
+                    assert pc.connectionState not in ("failed", "closed"), pc.connectionState
+                    await asyncio.sleep(0.1)
+        finally:
+            await pc.close()
+        await http.delete(reply.headers["location"])
