@@ -200,3 +200,10 @@ async def test_loopback_client_gets_and_can_use_a_loopback_candidate(make_servic
         finally:
             await pc.close()
         await http.delete(reply.headers["location"])
+
+
+async def test_empty_twilio_call_sid_is_a_policy_close_not_a_crash(make_service: ServiceFactory) -> None:
+    async with make_service() as svc:
+        code, reason = await fork_close(svc, "")
+        assert code == 1008 and "call id must be" in reason
+        assert svc.registry.legs == {}

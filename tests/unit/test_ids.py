@@ -102,3 +102,39 @@ def test_registry_applies_the_rule() -> None:
     with pytest.raises(InvalidId, match="leg"):
         registry.open_leg("ok", "caller\nERROR forged")
     assert registry.calls == {} and registry.legs == {}
+
+
+def _invite(call_id: str, *headers: str) -> object:
+    from callscribe.bridge.sip import parse_message
+    from tests.unit.sip_data import load
+
+    text = load("plain_invite").decode("latin-1")
+    lines = text.split("\r\n")
+    lines = [f"Call-ID: {call_id}" if line.lower().startswith(("call-id:", "i:")) else line for line in lines]
+    lines[1:1] = list(headers)
+    return parse_message("\r\n".join(lines).encode("latin-1"))
+
+
+def test_sip_headers_follow_the_rule_and_odd_call_ids_are_made_to() -> None:
+    from callscribe.bridge.sip_calls import Rejected, SipCallHandler
+
+    call_id, leg = SipCallHandler._chosen_names(_invite("a84b4c76e66710@pc33.atlanta.com"))  # type: ignore[arg-type]
+    assert (call_id, leg) == ("a84b4c76e66710@pc33.atlanta.com", "caller")
+    odd = "{abc}/def ghi@host"
+    derived, _ = SipCallHandler._chosen_names(_invite(odd))  # type: ignore[arg-type]
+    assert is_valid_id(derived) and derived.startswith("sip-")
+    assert derived == SipCallHandler._chosen_names(_invite(odd))[0]  # type: ignore[arg-type]
+    for header in ("X-Callscribe-Call-ID: c 2/x", "X-Callscribe-Leg: a/b"):
+        with pytest.raises(Rejected) as refused:
+            SipCallHandler._chosen_names(_invite("ok@host", header))  # type: ignore[arg-type]
+        assert refused.value.status == 400
+
+
+def test_siprec_leg_names_follow_the_rule() -> None:
+    from callscribe.bridge.siprec import Participant, leg_name
+
+    assert leg_name(Participant("p1", "sip:alice@example.com", "Alice")) == "alice@example.com"
+    assert leg_name(Participant("p1", "", "")) == "p1"
+    assert leg_name(Participant("", " ", " ")) == "participant"
+    assert is_valid_id(leg_name(Participant("p1", "sip:bob@example.com;user=phone", "")))
+    assert is_valid_id(leg_name(Participant("p1", "", "Bob Smith <bob>")))
