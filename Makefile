@@ -2,28 +2,40 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-SHARED ?= ../shared
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+HASH   := $(shell cat pyproject.toml | sha256sum | cut -c1-12)
+STAMP  := $(VENV)/.installed-$(HASH)
+# `make demo` installs only what running needs (no [test] extra); `make install` adds the rest.
+RUN_STAMP := $(VENV)/.runtime-$(HASH)
 PYTEST_ARGS ?=
+REDIS_PORT ?= 6379
 
 .PHONY: install demo test test-fast test-vllm lint format redis system-deps bench fuzz soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install -q -e '.[test]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
 
+# PYTHONWARNINGS: setuptools boxes every editable install with a warning about same-named
+# folders, which is no news here.
+$(RUN_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	test -e $(STAMP) || PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install -q -e .
+	rm -f $(VENV)/.runtime-* && touch $@
+
 redis:
-	@scripts/ensure-redis.sh
+	@REDIS_PORT=$(REDIS_PORT) scripts/ensure-redis.sh
 
 system-deps:
 	@scripts/system-deps.sh
 
-demo: install redis
-	$(BIN)/callscribe demo --clip $(SHARED)/audio/librivox-0870.wav
+# The demo call ships inside the package (callscribe/data/): no ../shared needed.
+demo: $(RUN_STAMP) redis
+	$(BIN)/callscribe demo --redis-url redis://127.0.0.1:$(REDIS_PORT)/0
 
 lint: install
 	$(BIN)/ruff check callscribe tests bench fuzz examples

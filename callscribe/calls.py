@@ -25,6 +25,7 @@ from callscribe.codecs.base import Pcm16
 from callscribe.codecs.resample import Resampler
 from callscribe.engine.base import SAMPLE_RATE, Engine, Final, Partial, Recognition, Vocabulary
 from callscribe.events import EventType, TranscriptEvent
+from callscribe.ids import IdKind, check_id
 from callscribe.ingest_options import context, keyterms
 from callscribe.leg_events import LatencyTracker, LegEvents
 from callscribe.metrics import Metrics
@@ -201,8 +202,9 @@ class CallRegistry:
         self.accepting = True
 
     def open_leg(self, call_id: str, leg: str, meta: dict[str, Any] | None = None) -> Leg:
-        if not call_id or not leg:
-            raise ValueError(f"call_id and leg must be non-empty, got {call_id!r}/{leg!r}")
+        # Every ingest ends here, so the id rule holds whatever the entry point checked.
+        check_id(IdKind.CALL_ID, call_id)
+        check_id(IdKind.LEG, leg)
         if not self.accepting:
             self._metrics.legs_refused.labels(reason="draining").inc()
             raise AtCapacity("callscribe is shutting down and accepts no new legs")

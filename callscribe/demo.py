@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 
 import httpx
@@ -23,25 +24,41 @@ from callscribe.bridge.rtp.sender import send_wav
 from callscribe.events import EventType, TranscriptEvent
 from callscribe.publish.connect import connect
 from callscribe.publish.tail import follow
+from callscribe.settings import redact_url
 
-DEMO_PREFIX = "callscribe"
+# Its own key prefix: on a shared Redis the demo never writes into a deployment's keys.
+DEMO_PREFIX = "callscribe-demo"
 
 
 def default_clip() -> Path | None:
-    candidates = [
-        os.environ.get("CALLSCRIBE_DEMO_CLIP"),
-        str(Path(__file__).resolve().parents[2] / "shared" / "audio" / "librivox-0870.wav"),
-    ]
-    for candidate in candidates:
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    return None
+    """$CALLSCRIBE_DEMO_CLIP, else the call bundled in the package (callscribe/data/README.md)."""
+    override = os.environ.get("CALLSCRIBE_DEMO_CLIP")
+    if override:
+        return Path(override)
+    bundled = resources.files("callscribe") / "data" / "demo-call.wav"
+    return Path(str(bundled)) if bundled.is_file() else None
 
 
 def _free_port(kind: int) -> int:
     with socket.socket(socket.AF_INET, kind) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _free_port_range(size: int = 8) -> str:
+    """A LOW-HIGH range of even UDP ports free now, for the one leg the demo reserves."""
+    for _ in range(50):
+        low = _free_port(socket.SOCK_DGRAM) & ~1
+        if low + size > 65535:
+            continue
+        try:
+            for port in range(low, low + size):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return f"{low}-{low + size - 1}"
+    raise RuntimeError("no free range of UDP ports for the demo's RTP leg")
 
 
 async def _wait_ready(http: httpx.AsyncClient, server: asyncio.subprocess.Process, timeout: float) -> None:
@@ -85,10 +102,17 @@ async def run_demo(
         "CALLSCRIBE_REDIS_URL": redis_url,
         "CALLSCRIBE_KEY_PREFIX": DEMO_PREFIX,
         "CALLSCRIBE_HTTP_PORT": str(http_port),
+        "CALLSCRIBE_HTTP_HOST": "127.0.0.1",
+        "CALLSCRIBE_RTP_HOST": "127.0.0.1",
         "CALLSCRIBE_RTP_PORT": str(_free_port(socket.SOCK_DGRAM)),
+        "CALLSCRIBE_RTP_PORT_RANGE": _free_port_range(),
+        # Free ports, never a fixed one another program may hold: AudioSocket on any port, no SIP.
+        "CALLSCRIBE_AUDIOSOCKET_HOST": "127.0.0.1",
+        "CALLSCRIBE_AUDIOSOCKET_PORT": "0",
+        "CALLSCRIBE_SIP_ENABLED": "false",
         "CALLSCRIBE_ENGINE": "sphinx",
         # The demo's private bridge: only this machine, and its legs API behind a one-off token.
-        "CALLSCRIBE_ALLOW_NETWORKS": '["127.0.0.0/8"]',
+        "CALLSCRIBE_ALLOW_NETWORKS": "127.0.0.0/8",
         "CALLSCRIBE_API_TOKEN": api_token,
         "CALLSCRIBE_LOG_LEVEL": os.environ.get("CALLSCRIBE_LOG_LEVEL", "warning"),
     }
@@ -111,7 +135,8 @@ async def run_demo(
                 raise RuntimeError(f"POST /v1/legs failed: {reply.status_code} {reply.text}")
             leg = reply.json()
             echo(f"call {call_id}: sending {clip.name} as RTP {codec} to {leg['rtp_host']}:{leg['rtp_port']}")
-            echo(f"events from Redis stream {DEMO_PREFIX}:call:{{{call_id}}}:")
+            stream = f"{DEMO_PREFIX}:call:{{{call_id}}}"
+            echo(f"events: Redis {redact_url(redis_url)}, stream {stream} (key prefix {DEMO_PREFIX}):")
 
             finals = 0
 
@@ -134,7 +159,10 @@ async def run_demo(
                 raise RuntimeError("no call.ended event within 30 s of hanging up") from None
             if finals == 0:
                 raise RuntimeError("the call ended without a single final transcript")
-            echo(f"done: {finals} finals; replay with `callscribe tail --call-id {call_id} --from-start`")
+            echo(
+                f"done: {finals} finals; replay with `callscribe tail --redis-url {redis_url} "
+                f"--key-prefix {DEMO_PREFIX} --call-id {call_id} --from-start`"
+            )
     finally:
         if server.returncode is None:
             server.terminate()

@@ -79,12 +79,15 @@ class LegEvents:
             kind, extra = EventType.PARTIAL, {"stable": result.stable, "unstable": result.unstable}
         else:  # a final's text is all stable
             timed = tuple(Word(w=w, start_ms=s, end_ms=e, conf=round(c, 3)) for w, s, e, c in result.words)
-            kind, extra = EventType.FINAL, {
-                "stable": result.text,
-                "lang": result.lang,
-                "words": timed,
-                "conf": result.conf,
-            }
+            kind, extra = (
+                EventType.FINAL,
+                {
+                    "stable": result.text,
+                    "lang": result.lang,
+                    "words": timed,
+                    "conf": result.conf,
+                },
+            )
         return self.build(
             kind,
             utt=result.utt,

@@ -24,11 +24,12 @@ from callscribe.bridge.sip.server import SipServer
 from callscribe.bridge.webrtc import WhipIngest
 from callscribe.calls import CallRegistry
 from callscribe.engine.base import Engine
+from callscribe.listeners import bind_http_socket, component_listen_error
 from callscribe.metrics import Metrics
 from callscribe.publish.redis_streams import RedisStreamsPublisher
 from callscribe.redact import Redactor, parse_redactions
 from callscribe.security import AccessPolicy
-from callscribe.settings import Settings
+from callscribe.settings import Settings, redact_url
 from callscribe.web.app import create_app, health_routes, leg_routes
 from callscribe.web.dashboard import Dashboard, dashboard_routes
 from callscribe.web.forks import fork_routes
@@ -108,6 +109,7 @@ class Service:
                 max_connections_per_source=settings.fork_max_connections_per_source,
                 max_frame_bytes=settings.fork_max_frame_bytes,
             ),
+            cors_origins=settings.cors_origins,
         )
         self._http = _EmbeddedHttpServer(
             uvicorn.Config(
@@ -122,6 +124,7 @@ class Service:
             )
         )
         self._http_task: asyncio.Task[Any] | None = None
+        self._ready_task: asyncio.Task[None] | None = None
         # What start() or stop() is doing now: named in the log when a signal or timeout hits.
         self.phase = "not started"
 
@@ -141,20 +144,39 @@ class Service:
         return {"redis": self.publisher.connected, "engine": self.engine.ready}
 
     async def start(self) -> None:
+        # The HTTP port first: a taken port fails the start at once, not after the engine loaded.
+        http_socket = bind_http_socket(self.settings)
         self.phase = "connecting to Redis"
         await self.publisher.start()
         self.phase = f"starting the {self.engine.name} engine"
         await self.engine.start()
         self.phase = "opening ingest"
         for component in self.components:
-            await component.start()
+            try:
+                await component.start()
+            except OSError as exc:
+                http_socket.close()
+                raise component_listen_error(component, self.settings, exc) from exc
             self._started.append(component)
-        self._http_task = asyncio.create_task(self._http.serve())
+        self._http_task = asyncio.create_task(self._http.serve(sockets=[http_socket]))
         while not self._http.started:
             if self._http_task.done():
                 self._http_task.result()
                 raise RuntimeError(f"HTTP server did not start on port {self.settings.http_port}")
             await asyncio.sleep(0.02)
+        log.info("access %s", self.policy.describe())
+        self.phase = "running"
+        self._ready_task = asyncio.create_task(self._announce_ready())
+
+    async def _announce_ready(self) -> None:
+        """Log "ready" only when /readyz would say so: until Redis answers, say what is awaited."""
+        if not self.publisher.connected:
+            log.warning(
+                "callscribe started, not ready: waiting for Redis at %s (/readyz answers 503 until then)",
+                redact_url(self.settings.redis_url),
+            )
+            while not self.publisher.connected:  # noqa: ASYNC110 (the publisher has no event to wait on)
+                await asyncio.sleep(0.2)
         log.info(
             "callscribe ready engine=%s http=%s:%d rtp=%s:%d",
             self.engine.name,
@@ -163,11 +185,11 @@ class Service:
             self.settings.rtp_host,
             self.settings.rtp_port,
         )
-        log.info("access %s", self.policy.describe())
-        self.phase = "running"
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
         self.registry.accepting = False
+        if self._ready_task is not None:
+            self._ready_task.cancel()
 
         async def drain() -> None:
             # Ingest components end their own legs first: they hold audio not yet fed

@@ -3,13 +3,19 @@ then an optional TOML file (never holding secrets), then defaults."""
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
+import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, get_args, get_origin
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SecretsSettingsSource,
     SettingsConfigDict,
@@ -22,11 +28,24 @@ from callscribe.publish.connect import cluster_seeds, is_cluster_url
 from callscribe.redact import parse_redactions
 
 EngineName = Literal["sphinx", "vllm", "remote"]
+ENV_PREFIX = "CALLSCRIBE_"
 SECRETS_DIR_ENV = "CALLSCRIBE_SECRETS_DIR"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+# CALLSCRIBE_* variables that are read by callscribe but are not settings.
+NOT_SETTINGS = frozenset(
+    {"CALLSCRIBE_CONFIG", SECRETS_DIR_ENV, "CALLSCRIBE_DEMO_CLIP", "CALLSCRIBE_CACHE", "CALLSCRIBE_SHARED"}
+    | {"CALLSCRIBE_FUZZ_SECONDS"}
+)
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, as one line naming what to change (flag, env variable, TOML key
+    or file)."""
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CALLSCRIBE_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
     # Redis Streams output
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -136,8 +155,29 @@ class Settings(BaseSettings):
         description='phrases the supervisor view highlights in finals, e.g. ["cancel my account"]',
     )
 
-    log_level: str = "info"
+    # Browser origins allowed to call WHIP (CORS), e.g. https://app.example.com; "*" for any.
+    cors_origins: list[str] = Field(
+        default_factory=list, description="origins allowed to use WHIP from a browser page (CORS)"
+    )
+
+    log_level: str = Field("info", description="debug, info, warning, error")
     log_json: bool = False
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        if not value.startswith(REDIS_URL_SCHEMES):
+            raise ValueError(f"{value!r} is not a Redis URL like redis://127.0.0.1:6379/0")
+        if is_cluster_url(value):
+            cluster_seeds(value)  # a redis+cluster:// URL without a node or with /db: say so now
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        if value.lower() not in LOG_LEVELS:
+            raise ValueError(f"{value!r} is not one of {', '.join(LOG_LEVELS)}")
+        return value.lower()
 
     @field_validator("rtp_port_range")
     @classmethod
@@ -156,13 +196,6 @@ class Settings(BaseSettings):
         parse_networks(value)
         return value
 
-    @field_validator("redis_url")
-    @classmethod
-    def _check_redis_url(cls, value: str) -> str:
-        if is_cluster_url(value):
-            cluster_seeds(value)  # a redis+cluster:// URL without a node or with /db: say so now
-        return value
-
     @property
     def rtp_ports(self) -> range:
         return parse_port_range(self.rtp_port_range)
@@ -179,10 +212,46 @@ class Settings(BaseSettings):
         # Precedence: explicit arguments (CLI), CALLSCRIBE_* env, secret files, the TOML file.
         return (
             init_settings,
-            env_settings,
+            CommaListEnvSource(settings_cls),
             *secrets_dir_source(settings_cls),
             TomlWithoutSecrets(settings_cls),
         )
+
+
+class CommaListEnvSource(EnvSettingsSource):
+    """CALLSCRIBE_* variables, where list settings also take a comma list
+    (CALLSCRIBE_ALLOW_NETWORKS=10.0.0.0/8,192.168.0.0/16) besides a JSON list."""
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        if get_origin(field.annotation) is list and isinstance(value, str):
+            text = value.strip()
+            if not text.startswith("["):
+                return [item.strip() for item in text.split(",") if item.strip()]
+        try:
+            return super().decode_complex_value(field_name, field, value)
+        except ValueError as exc:
+            env = f"{ENV_PREFIX}{field_name.upper()}"
+            raise ConfigError(f"{env}={value!r} is not valid JSON ({exc})") from None
+
+
+def unknown_env_settings(environ: Mapping[str, str]) -> list[str]:
+    """A warning line for each CALLSCRIBE_* variable that is no setting (a typo is otherwise
+    silently ignored), naming the closest valid one."""
+    valid = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields} | NOT_SETTINGS
+    warnings = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in valid:
+            continue
+        # Compared without the shared prefix, which would make every name look close.
+        suffixes = {key.removeprefix(ENV_PREFIX): key for key in valid}
+        close = [
+            suffixes[match]
+            for match in difflib.get_close_matches(upper.removeprefix(ENV_PREFIX), sorted(suffixes), n=1)
+        ]
+        hint = f"; did you mean {close[0]}?" if close else ""
+        warnings.append(f"environment variable {name} is not a callscribe setting and is ignored{hint}")
+    return warnings
 
 
 def secret_fields(settings_cls: type[BaseSettings]) -> frozenset[str]:
@@ -232,15 +301,98 @@ def parse_port_range(value: str) -> range:
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Settings from arguments, env and a TOML file (`config_file` or $CALLSCRIBE_CONFIG)."""
+    """Settings from arguments, env and a TOML file (`config_file` or $CALLSCRIBE_CONFIG);
+    ConfigError, one line naming the flag, variable, key or file, for any mistake."""
     path = config_file or (
         Path(os.environ["CALLSCRIBE_CONFIG"]) if os.environ.get("CALLSCRIBE_CONFIG") else None
     )
     if path is not None and not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist (--config or CALLSCRIBE_CONFIG)")
 
     class FileSettings(Settings):
         model_config = SettingsConfigDict(toml_file=path)
 
     values = {k: v for k, v in overrides.items() if v is not None}
-    return FileSettings(**values) if path is not None else Settings(**values)
+    try:
+        return FileSettings(**values) if path is not None else Settings(**values)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: TOML syntax error: {exc}") from None
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, values, os.environ, path)) from None
+    except SettingsError as exc:
+        raise ConfigError(_describe_settings_error(exc, path)) from None
+
+
+def setting_source(
+    name: str, overrides: Mapping[str, Any], environ: Mapping[str, str], path: Path | None
+) -> str:
+    """Where the user wrote setting `name`, in their terms: a flag, an env variable or a TOML key."""
+    if name in overrides:
+        return "--" + name.replace("_", "-")
+    env = f"{ENV_PREFIX}{name.upper()}"
+    if any(key.upper() == env for key in environ):
+        return env
+    if path is not None:
+        return f"{name} in {path}"
+    return name
+
+
+def describe_validation_error(
+    exc: ValidationError, overrides: Mapping[str, Any], environ: Mapping[str, str], path: Path | None
+) -> str:
+    parts = []
+    for error in exc.errors():
+        loc = [str(item) for item in error["loc"]]
+        name = loc[0] if loc else "?"
+        if error["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(name, list(Settings.model_fields), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            where = f"in {path}" if path is not None else "given"
+            parts.append(f"unknown setting {name!r} {where}{hint}")
+            continue
+        message = str(error["msg"]).removeprefix("Value error, ")
+        parts.append(f"{setting_source(name, overrides, environ, path)}: {message}")
+    return "; ".join(parts)
+
+
+def _describe_settings_error(exc: SettingsError, path: Path | None) -> str:
+    text = str(exc)
+    # pydantic-settings words a bad env value as 'error parsing value for field "x" from source
+    # "EnvSettingsSource"': say which variable instead.
+    match = re.search(r'error parsing value for field "(\w+)" from source "(\w+)"', text)
+    if match:
+        name, source = match.groups()
+        if source == "EnvSettingsSource" or source == "CommaListEnvSource":
+            return f"{ENV_PREFIX}{name.upper()}: not a valid value (a list takes a JSON list or a comma list)"
+        return f"{name} in {path or source}: not a valid value"
+    cause = exc.__cause__
+    if isinstance(cause, ConfigError):
+        return str(cause)
+    return text
+
+
+def redact_url(url: str) -> str:
+    """`url` for a log line: a password in it (redis://:secret@host) becomes ***."""
+    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+_WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def check_public_address(settings: Settings) -> None:
+    """Binding every interface leaves no address to hand out in POST /v1/legs answers and SDP
+    (peers would be told to send to 0.0.0.0): refuse, naming the setting that fixes it."""
+    if settings.rtp_host in _WILDCARDS and not settings.rtp_public_host:
+        raise ConfigError(
+            f"rtp_host {settings.rtp_host!r} binds every interface, so the address peers must send "
+            "RTP to is unknown: set CALLSCRIBE_RTP_PUBLIC_HOST (--rtp-public-host, rtp_public_host)"
+        )
+    if (
+        settings.sip_enabled
+        and settings.sip_host in _WILDCARDS
+        and not (settings.sip_public_host or settings.rtp_public_host)
+    ):
+        raise ConfigError(
+            f"sip_host {settings.sip_host!r} binds every interface, so the SIP Contact address is "
+            "unknown: set CALLSCRIBE_SIP_PUBLIC_HOST (--sip-public-host, sip_public_host)"
+        )

@@ -43,6 +43,7 @@ class DropReason(StrEnum):
     AT_CAPACITY = "at_capacity"  # the bridge holds max legs
     LEG_CONFLICT = "leg_conflict"  # a leg of that name is already open in the call
     REFUSED = "refused"  # a connection refused before its leg opened (AudioSocket)
+    INVALID_ID = "invalid_id"  # a call id or leg name outside the id rule (callscribe.ids)
     PROTOCOL_ERROR = "protocol_error"  # a stream closed for breaking its protocol
     # RTP
     TRUNCATED = "truncated"  # shorter than its header (or, SIP, its Content-Length)

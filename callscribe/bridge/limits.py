@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections import Counter
 
 
-class LegConflict(ValueError):
-    """A leg of that name is already open in that call."""
+class LegConflict(Exception):
+    """A leg of that name is already open in that call: 409 on HTTP ingest. Not a ValueError,
+    so no ingest can mistake it for a bad request (400)."""
 
 
 class AtCapacity(RuntimeError):

@@ -20,6 +20,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from callscribe.bridge.events import DropReason, EndReason
+from callscribe.bridge.ice_loopback import offer_loopback_candidates
 from callscribe.calls import CallRegistry, Leg
 from callscribe.codecs.base import Pcm16
 from callscribe.metrics import Metrics
@@ -119,9 +120,15 @@ class WhipIngest:
         await asyncio.gather(*(self.end(sid, EndReason.SHUTDOWN) for sid in list(self.sessions)))
 
     async def publish(
-        self, offer_sdp: str, call_id: str, requested_legs: list[str], meta: dict[str, Any]
+        self,
+        offer_sdp: str,
+        call_id: str,
+        requested_legs: list[str],
+        meta: dict[str, Any],
+        loopback_client: bool = False,
     ) -> tuple[WhipSession, str]:
-        """Accept an SDP offer: open one leg per audio track; returns the session and the SDP answer."""
+        """Accept an SDP offer: open one leg per audio track; returns the session and the SDP answer.
+        `loopback_client`: the client is on this machine, so 127.0.0.1 is offered too."""
         if "m=audio" not in offer_sdp:
             raise WhipError(400, "the SDP offer has no m=audio section; WHIP ingest takes audio")
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
@@ -144,6 +151,8 @@ class WhipIngest:
                     # Answered inactive: the sender keeps its video to itself instead of making
                     # aiortc decode frames nobody reads.
                     transceiver.direction = "inactive"
+            if loopback_client:
+                offer_loopback_candidates(pc)
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception:
             await asyncio.gather(*(leg.close(EndReason.REFUSED) for leg in session.legs))

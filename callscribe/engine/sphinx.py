@@ -40,6 +40,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -500,7 +501,11 @@ class SphinxEngine(Engine):
                 if stream is not None:
                     stream.abandon(f"sphinx worker {handle.index} exited (code {message[2]})")
             handle.legs.clear()
-            if kind == "died":
+            if kind == "died" and message[2] in (-signal.SIGTERM, -signal.SIGINT):
+                # A stop signal sent to the whole process group (Ctrl-C, systemd, `kill -- -PGID`)
+                # reaches the workers too: an ordinary stop, not a crash.
+                log.info("sphinx worker %d stopped by %s", handle.index, signal.Signals(-message[2]).name)
+            elif kind == "died":
                 log.error("sphinx worker %d died with exit code %s", handle.index, message[2])
 
 

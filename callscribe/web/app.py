@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Match, Route
 
 # RtpPorts: the narrow view of the RTP ingest that SIP uses too (reserve a leg's port, release it).
 from callscribe.bridge.rtp.ports import RtpPorts
@@ -25,6 +28,7 @@ from callscribe.ingest_options import OPTIONS
 from callscribe.metrics import Metrics
 from callscribe.redact import parse_redactions
 from callscribe.security import AccessPolicy, bearer_authorized
+from callscribe.web.cors import WhipCors
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,7 @@ WaitFlushed = Callable[[float], Awaitable[object]]
 
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LEG_FIELDS = frozenset({"call_id", "leg", "codec", "meta", *OPTIONS})
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -98,6 +103,11 @@ def leg_routes(
             return response
         try:
             body = await read_json_object(request)
+            unknown = sorted(set(body) - LEG_FIELDS)
+            if unknown:
+                raise ValueError(
+                    f"unknown field {unknown[0]!r}; known fields: {', '.join(sorted(LEG_FIELDS))}"
+                )
             call_id, leg, codec = body.get("call_id"), body.get("leg", "caller"), body.get("codec", "pcmu")
             meta = body.get("meta", {})
             if not isinstance(call_id, str) or not call_id:
@@ -111,10 +121,10 @@ def leg_routes(
             if "redact" in meta:
                 parse_redactions(meta["redact"])  # a bad value is the caller's 400, not a silent default
             reserved = await ports.reserve(call_id, leg, codec, meta)
-        except (ValueError, CodecError) as exc:
-            return error(400, str(exc))
         except LegConflict as exc:
             return error(409, str(exc))
+        except (ValueError, CodecError) as exc:
+            return error(400, str(exc))
         except AtCapacity as exc:
             return error(503, str(exc))
         return JSONResponse(
@@ -148,5 +158,60 @@ def leg_routes(
     ]
 
 
-def create_app(*route_groups: Iterable[BaseRoute]) -> Starlette:
-    return Starlette(routes=[route for group in route_groups for route in group])
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """404, 405 and other HTTP errors as {"error": ...}, like every other error of the API."""
+    assert isinstance(exc, HTTPException)
+    message = {
+        404: f"no route {request.url.path}",
+        405: f"{request.method} is not allowed on {request.url.path}",
+    }
+    response = error(exc.status_code, message.get(exc.status_code, str(exc.detail)))
+    for name, value in (exc.headers or {}).items():
+        response.headers[name] = value
+    if exc.status_code == 405:
+        # Starlette names only the first route of the path; a path served by several routes
+        # (GET and POST /v1/legs) allows the methods of all of them.
+        allowed: set[str] = set()
+        for route in request.app.routes:
+            if isinstance(route, Route) and route.matches(request.scope)[0] is Match.PARTIAL:
+                allowed |= route.methods or set()
+        if allowed:
+            response.headers["Allow"] = ", ".join(sorted(allowed))
+    return response
+
+
+def meta_routes(routes: list[BaseRoute]) -> list[BaseRoute]:
+    """/openapi.json (describing `routes` and itself) and /favicon.ico."""
+    from importlib import metadata
+
+    from starlette.routing import WebSocketRoute
+
+    from callscribe.web.openapi import openapi_document
+
+    dialects = [
+        route.path.removeprefix("/fork/")
+        for route in routes
+        if isinstance(route, WebSocketRoute) and route.path.startswith("/fork/")
+    ]
+    document = openapi_document(metadata.version("callscribe"), dialects)
+    favicon_path = Path(__file__).parent / "static" / "favicon.svg"
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(document)
+
+    async def favicon(request: Request) -> Response:
+        return FileResponse(
+            favicon_path, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"}
+        )
+
+    return [Route("/openapi.json", openapi), Route("/favicon.ico", favicon)]
+
+
+def create_app(*route_groups: Iterable[BaseRoute], cors_origins: Sequence[str] = ()) -> Starlette:
+    routes = [route for group in route_groups for route in group]
+    routes.extend(meta_routes(routes))
+    return Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: _http_error},
+        middleware=[Middleware(WhipCors, origins=list(cors_origins))],
+    )

@@ -18,8 +18,10 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from callscribe.bridge.events import EndReason
+from callscribe.bridge.ice_loopback import is_loopback
 from callscribe.bridge.webrtc import WhipError, WhipIngest
 from callscribe.calls import AtCapacity, LegConflict
+from callscribe.ids import IdKind, check_id
 from callscribe.ingest_options import OPTIONS
 from callscribe.redact import parse_redactions
 from callscribe.security import AccessPolicy
@@ -28,14 +30,6 @@ from callscribe.web.app import WaitFlushed, error, refusal
 log = logging.getLogger(__name__)
 
 MAX_OFFER_BYTES = 64 * 1024
-_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:@+")
-
-
-def _checked_name(kind: str, value: str, max_len: int = 128) -> str:
-    """Ids end up in Redis keys and on the dashboard: keep them printable and short."""
-    if not value or len(value) > max_len or not set(value) <= _NAME_CHARS:
-        raise ValueError(f"{kind} {value[:max_len]!r} must be 1-{max_len} characters of [A-Za-z0-9-_.:@+]")
-    return value
 
 
 def session_params(request: Request) -> tuple[str, list[str], dict[str, Any]]:
@@ -43,7 +37,7 @@ def session_params(request: Request) -> tuple[str, list[str], dict[str, Any]]:
     query, headers = request.query_params, request.headers
     call_id = query.get("call_id") or headers.get("x-callscribe-call-id") or uuid.uuid4().hex
     legs_text = query.get("leg") or headers.get("x-callscribe-leg") or "caller"
-    legs = [_checked_name("leg", name.strip()) for name in legs_text.split(",")]
+    legs = [check_id(IdKind.LEG, name.strip()) for name in legs_text.split(",")]
     if len(set(legs)) != len(legs):
         raise ValueError(f"leg names {legs_text!r} repeat a name")
     meta: dict[str, Any] = {key[5:]: value for key, value in query.items() if key.startswith("meta.")}
@@ -53,7 +47,7 @@ def session_params(request: Request) -> tuple[str, list[str], dict[str, Any]]:
         parse_redactions(meta["redact"])  # the client's 400, not a silent default
     if request.headers.get("user-agent"):
         meta.setdefault("user_agent", request.headers["user-agent"][:200])
-    return _checked_name("call_id", call_id), legs, meta
+    return check_id(IdKind.CALL_ID, call_id), legs, meta
 
 
 def whip_routes(
@@ -77,10 +71,13 @@ def whip_routes(
             return error(413, f"SDP offer of {len(body)} bytes exceeds {MAX_OFFER_BYTES}")
         try:
             call_id, legs, meta = session_params(request)
-            session, answer = await ingest.publish(body.decode("utf-8", "replace"), call_id, legs, meta)
+            client = request.client.host if request.client else None
+            session, answer = await ingest.publish(
+                body.decode("utf-8", "replace"), call_id, legs, meta, loopback_client=is_loopback(client)
+            )
         except WhipError as exc:
             return error(exc.status, str(exc))
-        except LegConflict as exc:  # a ValueError too: catch it first
+        except LegConflict as exc:
             return error(409, str(exc))
         except ValueError as exc:
             return error(400, str(exc))

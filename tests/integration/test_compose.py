@@ -7,6 +7,7 @@ Validated with whichever Compose is installed: the v2 plugin (`docker compose`) 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -71,7 +72,44 @@ def test_gpu_profile_adds_vllm_and_points_callscribe_at_it() -> None:
     assert devices[0]["capabilities"] == ["gpu"]
     env = lab["services"]["callscribe"]["environment"]
     assert env["CALLSCRIBE_ENGINE"] == "remote"
-    assert yaml.safe_load(env["CALLSCRIBE_VLLM_URLS"]) == ["http://vllm:8000"]
+    # What callscribe makes of the environment compose gives it (comma list, model for the tokenizer).
+    settings = settings_from(env)
+    assert settings.vllm_urls == ["http://vllm:8000"]
+    assert settings.model is not None and "Qwen3-ASR" in settings.model
+    assert settings.vllm_priority_scheduling  # the vllm service runs --scheduling-policy priority
+    tag = vllm["image"].partition(":")[2]
+    assert tag and tag != "latest", "the vLLM image tag is pinned"
+
+
+def settings_from(env: dict[str, Any]) -> Any:
+    from callscribe.settings import check_public_address, load_settings
+
+    saved = {k: v for k, v in os.environ.items() if k.startswith("CALLSCRIBE_")}
+    for key in saved:
+        del os.environ[key]
+    os.environ.update({k: str(v) for k, v in env.items()})
+    try:
+        settings = load_settings()
+        check_public_address(settings)  # would refuse to start on 0.0.0.0 without a public host
+        return settings
+    finally:
+        for key in env:
+            os.environ.pop(key, None)
+        os.environ.update(saved)
+
+
+def test_callscribe_in_the_lab_hands_out_a_reachable_address_and_listens_everywhere() -> None:
+    env = config()["services"]["callscribe"]["environment"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    image_env = dict(re.findall(r"(CALLSCRIBE_[A-Z_]+)=(\S+)", dockerfile))
+    settings = settings_from({**image_env, **env})
+    assert settings.rtp_public_host == "127.0.0.1"  # the ports are published on loopback
+    for host in (settings.http_host, settings.rtp_host, settings.audiosocket_host, settings.sip_host):
+        assert host == "0.0.0.0"  # reachable through the published ports, not container-local
+    assert "[remote]" in dockerfile  # the gpu profile's engine remote needs its tokenizer
+    for text in (dockerfile, COMPOSE_FILE.read_text()):
+        for cited in re.findall(r"docs/[\w-]+\.md", text):
+            assert (ROOT / cited).is_file(), f"{cited} is cited but does not exist"
 
 
 def test_pbx_profile_mounts_the_asterisk_config() -> None:

@@ -20,7 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 import soxr
 
-from callscribe.bridge.rtp import RtpPacket
+from callscribe.bridge.rtp.packet import RtpPacket
 from callscribe.calls import CallRegistry
 from callscribe.codecs.dtmf import TelephoneEvent
 from callscribe.events import EventType, TranscriptEvent

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
+import struct
+import subprocess
 import time
 import wave
 from pathlib import Path
@@ -13,9 +15,16 @@ import numpy as np
 import pytest
 
 from callscribe.bridge.events import AudioReceived
-from callscribe.bridge.rtp.packet import RtpPacket
+from callscribe.bridge.rtp.packet import RtpPacket, is_rtcp
 from callscribe.bridge.rtp.receiver import RtpLegReceiver
-from callscribe.bridge.rtp.sender import packetize, read_wav_mono, send_wav
+from callscribe.bridge.rtp.sender import (
+    datagram_warning,
+    packetize,
+    read_wav_mono,
+    rtcp_goodbye,
+    send_codec,
+    send_wav,
+)
 from callscribe.codecs import CodecError, spec_by_name
 
 
@@ -78,6 +87,10 @@ async def test_send_wav_paces_and_decodes_back(tmp_path: Path) -> None:
                 break
     assert stats.packets == 50 and stats.ssrc == 0x1234 and stats.payload_type == 8
     assert 0.2 <= elapsed < 1.0  # 1 s of audio at 4× real time, on absolute deadlines
+    # The stream ends with RTCP (SR + BYE for its SSRC), on the same port (rtcp-mux).
+    *datagrams, goodbye = datagrams
+    assert is_rtcp(goodbye) and goodbye[1] == 200 and goodbye[28 + 1] == 203
+    assert struct.unpack("!I", goodbye[32:36])[0] == 0x1234
     packets = [RtpPacket.parse(d) for d in datagrams]
     assert len(packets) == 50
     assert packets[0].marker and not any(p.marker for p in packets[1:])
@@ -97,3 +110,59 @@ async def test_send_wav_rejects_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(CodecError, match="128"):
         await send_wav(path, "127.0.0.1", 9, payload_type=128)
     await asyncio.sleep(0)
+
+
+def test_rtcp_goodbye_is_a_compound_sender_report_and_bye() -> None:
+    packet = rtcp_goodbye(0xCAFEBABE, 1_700_000_000.5, 12345, 50, 8000)
+    assert len(packet) == 28 + 8
+    version_rc, pt, words = struct.unpack("!BBH", packet[:4])
+    assert version_rc >> 6 == 2 and pt == 200 and (words + 1) * 4 == 28
+    ssrc, ntp_s, ntp_f, rtp_ts, count, octets = struct.unpack("!IIIIII", packet[4:28])
+    assert (ssrc, rtp_ts, count, octets) == (0xCAFEBABE, 12345, 50, 8000)
+    assert ntp_s == 1_700_000_000 + 2_208_988_800 and ntp_f == 1 << 31
+    version_sc, pt, words, bye_ssrc = struct.unpack("!BBHI", packet[28:])
+    assert version_sc == 0x81 and pt == 203 and words == 1 and bye_ssrc == 0xCAFEBABE
+
+
+def test_send_codecs_are_rtp_codecs_only() -> None:
+    assert send_codec("PCMU").name == "pcmu"
+    for internal in ("telephone-event", "s16le-192k", "s16le-8k"):
+        with pytest.raises(CodecError, match="cannot be sent as RTP; choose one of pcmu"):
+            send_codec(internal)
+    assert datagram_warning(spec_by_name("pcmu"), 20) is None
+    warning = datagram_warning(spec_by_name("l16-48k"), 20)
+    assert warning is not None and "1932-byte" in warning and "--ptime 14" in warning
+
+
+async def test_send_reports_progress_to_the_end(tmp_path: Path) -> None:
+    path = write_wav(tmp_path / "t.wav", np.zeros(8000, np.int16), 8000)
+    seen: list[tuple[int, int]] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink:
+        sink.bind(("127.0.0.1", 0))
+        await send_wav(
+            path, "127.0.0.1", sink.getsockname()[1], speed=8.0, progress=lambda n, t: seen.append((n, t))
+        )
+    assert seen[0] == (0, 50) and seen[-1] == (50, 50)
+    assert [n for n, _ in seen] == sorted(n for n, _ in seen)
+
+
+def test_g711_wav_reads_like_its_pcm_source(tmp_path: Path) -> None:
+    tone = (np.sin(np.arange(8000) / 3) * 8000).astype(np.int16)
+    pcm_path = write_wav(tmp_path / "pcm.wav", tone, 8000)
+    ulaw_path = tmp_path / "ulaw.wav"
+    subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-i", str(pcm_path), "-c:a", "pcm_mulaw", str(ulaw_path)], check=True
+    )
+    decoded, rate = read_wav_mono(ulaw_path)
+    assert rate == 8000 and decoded.size == tone.size
+    # μ-law keeps ~13 bits: the error stays within a few percent of full scale.
+    assert np.max(np.abs(decoded.astype(np.int32) - tone)) < 400
+
+
+def test_the_bundled_demo_call_is_8k_ulaw_of_a_few_seconds() -> None:
+    from callscribe.demo import default_clip
+
+    clip = default_clip()
+    assert clip is not None and clip.stat().st_size < 100_000
+    pcm, rate = read_wav_mono(clip)
+    assert rate == 8000 and 5 < pcm.size / rate < 10 and np.abs(pcm).max() > 5000

@@ -23,6 +23,7 @@ from callscribe.bridge.events import CALLER, AudioReceived, Dropped, DropReason,
 from callscribe.bridge.limits import AtCapacity, LegConflict, SourceLimit
 from callscribe.calls import CallRegistry, Leg
 from callscribe.codecs import Decoder, decoder_for, spec_by_name
+from callscribe.ids import InvalidId
 from callscribe.metrics import Metrics
 from callscribe.security import AccessPolicy
 from callscribe.settings import Settings
@@ -181,7 +182,7 @@ class AudioSocketConnection:
                 self.leg = self.server.registry.open_leg(
                     event.call_id, CALLER, {"source": "audiosocket", "peer": self.source}
                 )
-            except (LegConflict, AtCapacity) as exc:
+            except (LegConflict, AtCapacity, InvalidId) as exc:
                 metrics.drop(TRANSPORT, DropReason.REFUSED)
                 log.warning("AudioSocket %s call %s refused: %s", self.source, event.call_id, exc)
                 # Asterisk's AudioSocket() returns to the dialplan when the socket closes.

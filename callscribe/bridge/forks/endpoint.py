@@ -27,6 +27,7 @@ from callscribe.bridge.limits import AtCapacity, LegConflict
 from callscribe.calls import CallRegistry, Leg
 from callscribe.codecs import CodecError, Decoder, decoder_for, spec_by_name
 from callscribe.events import EventType, TranscriptEvent
+from callscribe.ids import ID_RULE, InvalidId, is_valid_id
 from callscribe.metrics import Metrics
 from callscribe.security import AccessPolicy
 
@@ -177,6 +178,11 @@ class ForkSession:
                 "fork %s from %s refused: %s token in the start message", self.parser.dialect, self.peer, why
             )
             raise StreamEnded(CloseCode.POLICY, f"{why} token", EndReason.REFUSED)
+        if not is_valid_id(event.call_id):
+            self.metrics.drop(self.transport, DropReason.INVALID_ID)
+            refusal = InvalidId("call_id", event.call_id)
+            log.warning("fork %s from %s refused: %s", self.parser.dialect, self.peer, refusal)
+            raise StreamEnded(CloseCode.POLICY, f"call id must be {ID_RULE}"[:120], EndReason.REFUSED)
         self.started = event
         if event.reply_transcripts:
             self.replies = asyncio.Queue()
@@ -199,6 +205,9 @@ class ForkSession:
         except LegConflict as exc:
             self.metrics.drop(self.transport, DropReason.LEG_CONFLICT)
             raise StreamEnded(CloseCode.POLICY, str(exc), EndReason.REFUSED) from None
+        except InvalidId as exc:
+            self.metrics.drop(self.transport, DropReason.INVALID_ID)
+            raise StreamEnded(CloseCode.POLICY, str(exc)[:120], EndReason.REFUSED) from None
         except AtCapacity as exc:
             self.metrics.drop(self.transport, DropReason.AT_CAPACITY)
             raise StreamEnded(CloseCode.TRY_LATER, str(exc), EndReason.REFUSED) from None

@@ -11,7 +11,6 @@ their last finals).
 from __future__ import annotations
 
 import logging
-import re
 import secrets
 import time
 from collections.abc import Callable
@@ -48,6 +47,7 @@ from callscribe.bridge.sip.siprec import (
     recorded_streams,
 )
 from callscribe.bridge.sip.uas import UasCore
+from callscribe.ids import ID_RULE, InvalidId, derive_id, is_valid_id, shown
 from callscribe.ingest_options import OPTIONS, SIP_HEADER_PREFIX
 from callscribe.metrics import Metrics
 from callscribe.security import AccessPolicy
@@ -63,7 +63,6 @@ PLAIN_CALL_LEG = CALLER
 # eavesdrop) names the side and joins them into one callscribe call with these headers.
 LEG_HEADER = "X-Callscribe-Leg"
 CALL_ID_HEADER = "X-Callscribe-Call-ID"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}$")
 
 
 # What a dialog's end means for its legs: the peer's BYE is a hangup like any other ingest's.
@@ -260,16 +259,19 @@ class SipCallHandler:
     def _chosen_names(request: SipRequest) -> tuple[str, str]:
         """(call id, leg name) for events: the SIP Call-ID and "caller" unless the sender
         names them (LEG_HEADER / CALL_ID_HEADER)."""
-        call_id = request.headers.get(CALL_ID_HEADER) or request.call_id
+        chosen = request.headers.get(CALL_ID_HEADER)
         leg = request.headers.get(LEG_HEADER) or PLAIN_CALL_LEG
-        for header, value in ((CALL_ID_HEADER, call_id), (LEG_HEADER, leg)):
-            if header == CALL_ID_HEADER and value == request.call_id:
-                continue  # a Call-ID is whatever the sender made it; only its length matters
-            if not _NAME.match(value):
-                raise Rejected(400, f"Bad Request ({header} {value[:40]!r} is not a name like agent-1)")
-        if len(call_id) > 256:
-            raise Rejected(400, f"Bad Request (Call-ID of {len(call_id)} characters, at most 256)")
-        return call_id, leg
+        for header, value in ((CALL_ID_HEADER, chosen), (LEG_HEADER, leg)):
+            if value is not None and not is_valid_id(value):
+                why = f"{header} {shown(value)} breaks the id rule: {ID_RULE}"
+                raise Rejected(400, f"Bad Request ({why})"[:200])
+        if chosen:
+            return chosen, leg
+        # A Call-ID is whatever the sender made it: one outside the id rule is not refused but
+        # turned into a valid id (the original stays in the call's meta as original_call_id).
+        if len(request.call_id) > 1024:
+            raise Rejected(400, f"Bad Request (Call-ID of {len(request.call_id)} characters)")
+        return derive_id(request.call_id, "sip-call", prefix="sip-"), leg
 
     def _parse_offer(
         self, request: SipRequest, session: SipSession
@@ -344,6 +346,8 @@ class SipCallHandler:
                     raise self._full(exc) from None
                 except LegConflict as exc:
                     raise Rejected(488, f"Not Acceptable Here ({exc})"[:160]) from None
+                except InvalidId as exc:
+                    raise Rejected(400, f"Bad Request ({exc})"[:160]) from None
             if index < len(session.streams):
                 session.streams[index] = state
             else:

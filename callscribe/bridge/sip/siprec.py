@@ -19,6 +19,7 @@ import defusedxml.ElementTree as safe_xml
 from defusedxml import DefusedXmlException
 
 from callscribe.bridge.sip.sdp import SessionDescription
+from callscribe.ids import derive_id
 
 MAX_PARTS = 8
 MAX_METADATA_BYTES = 128 * 1024
@@ -223,7 +224,10 @@ def leg_name(participant: Participant) -> str:
         if aor.lower().startswith(scheme):
             aor = aor[len(scheme) :]
             break
-    return (aor or participant.name or participant.participant_id).strip()[:128]
+    # Metadata text, not a chosen id: made to follow the id rule rather than refused (a blank
+    # AOR and name fall back to the participant id, then to a fixed name).
+    text = (aor or participant.name or participant.participant_id or "").strip()
+    return derive_id(text, "participant")
 
 
 def recorded_streams(sdp: SessionDescription, metadata: RecordingMetadata | None) -> list[RecordedStream]:
