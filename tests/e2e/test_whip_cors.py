@@ -14,10 +14,9 @@ from typing import Any
 
 import pytest
 
-from tests.support import ServiceFactory
 from tests.e2e.chromium import CHROMIUM, Chromium
 from tests.integration.test_webrtc_whip import speech_wav
-from tests.support import load_clip
+from tests.support import ServiceFactory, load_clip
 
 OUTPUT = Path(__file__).resolve().parents[2] / "test-output" / "e2e"
 TOKEN = "cors-test-token"

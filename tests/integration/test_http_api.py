@@ -16,8 +16,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from callscribe.web.app import create_app
-from tests.conftest import ServiceFactory
 from tests.fork_senders import twilio_stream
+from tests.support import ServiceFactory
 
 BAD_IDS = ["c 2/../x", "x\nERROR forged", "a" * 129, "{tag}"]
 
