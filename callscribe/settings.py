@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     max_packet_bytes: int = Field(8192, ge=256)
     max_packets_per_sec_per_source: int = Field(500, ge=10)
     leg_idle_timeout_sec: float = Field(10.0, gt=0)
+    max_auto_legs: int = Field(64, ge=1, description="auto-legs open at once, all sources together")
 
     # SIP user agent server and SIPREC recording server (callscribe.bridge.sip_transport)
     sip_enabled: bool = Field(False, description="listen for SIP calls and SIPREC sessions")

@@ -322,6 +322,10 @@ class RtpIngest:
         if self._auto_per_host.get(host, 0) >= self.max_auto_legs_per_source:
             self._metrics.drop(TRANSPORT, "auto_leg_limit")
             return None
+        # Sources need no handshake, so spoofed hosts pass the per-host cap: a global one too.
+        if len(self._auto) >= self._settings.max_auto_legs:
+            self._metrics.drop(TRANSPORT, "auto_leg_limit")
+            return None
         call_id = f"rtp-{host}-{addr[1]}-{ssrc:08x}"
         try:
             leg = self._registry.open_leg(call_id, "caller", {"source": f"{host}:{addr[1]}", "ssrc": ssrc})

@@ -61,12 +61,14 @@ from callscribe.engine.base import (
     Partial,
     split_stable,
 )
+from callscribe.engine.process_care import die_with_parent, rss_mb, trim_heap
 
 log = logging.getLogger(__name__)
 
 ENGLISH = frozenset({"en", "en-us", "en_us", "english"})
 _BYTES_PER_SAMPLE = 2
 _READY_TIMEOUT_S = 60.0
+_TICK_S = 2.0  # a quiet worker checks its idle pool this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +81,9 @@ class SphinxOptions:
     partial_interval_ms: int = 250
     max_utterance_s: float = 20.0
     idle_decoders: int = 4
+    # Pooled Decoders beyond the first are freed (and the heap trimmed) after this long with
+    # no leg open on the worker: a burst must not leave ~56 MB per Decoder behind for good.
+    idle_decoder_ttl_s: float = 20.0
     # Decoding is throughput work; the event loop (jitter buffers, publishing) is latency work
     # on the same cores, so the workers yield to it.
     worker_nice: int = 5
@@ -95,7 +100,7 @@ class SphinxOptions:
 class _LegDecoding:
     """One leg inside a worker: its Endpointer, Decoder and clock."""
 
-    decoder: Any
+    decoder: Any  # None until the leg's first speech: silence and noise cost no Decoder
     endpointer: Any
     utt: int = 0
     in_utt: bool = False
@@ -131,6 +136,8 @@ class _Worker:
         del first
         self.init_s = time.perf_counter() - started
         self.legs: dict[int, _LegDecoding] = {}
+        self.last_busy = time.monotonic()
+        self.trim_due = False
 
     def _new_decoder(self, final: bool = False) -> Any:
         # Live decoders only produce partials: the first (tree) pass is enough for them; the
@@ -153,8 +160,7 @@ class _Worker:
         kind, key = message[0], message[1]
         if kind == "open":
             started = time.perf_counter()
-            decoder = self.idle.pop() if self.idle else self._new_decoder()
-            self.legs[key] = _LegDecoding(decoder, self._new_endpointer())
+            self.legs[key] = _LegDecoding(None, self._new_endpointer())
             self.outbox.put(("opened", key, time.perf_counter() - started))
             return
         leg = self.legs.get(key)
@@ -175,7 +181,8 @@ class _Worker:
             elif kind == "finish":
                 self._close_stream(key, leg)
                 del self.legs[key]
-                self._release(leg.decoder)
+                if leg.decoder is not None:
+                    self._release(leg.decoder)
                 self.outbox.put(("finished", key))
         except Exception as exc:  # a broken decoder must not take the other legs down
             self.legs.pop(key, None)
@@ -184,9 +191,24 @@ class _Worker:
                 self.outbox.put(("finished", key))
 
     def _release(self, decoder: Any) -> None:
+        self.last_busy = time.monotonic()
         if len(self.idle) < self.options.idle_decoders:
             decoder.set_cmn(self.cmn_init)  # the next leg is another channel: forget this one's mean
             self.idle.append(decoder)
+        else:
+            self.trim_due = True  # trimmed at the next tick, once the caller's references are gone
+
+    def tick(self, now: float) -> None:
+        """Called when the inbox has been quiet: shrink the idle pool to one Decoder once no
+        leg has been open for `idle_decoder_ttl_s`, and give the memory back."""
+        if self.legs:
+            self.last_busy = now
+        elif len(self.idle) > 1 and now - self.last_busy >= self.options.idle_decoder_ttl_s:
+            del self.idle[1:]
+            self.trim_due = True
+        if self.trim_due:
+            self.trim_due = False
+            trim_heap()
 
     def _audio(self, key: int, leg: _LegDecoding, pcm: bytes) -> None:
         ep = leg.endpointer
@@ -219,6 +241,8 @@ class _Worker:
             self._end_utt(key, leg)
 
     def _start_utt(self, leg: _LegDecoding, start_samples: int) -> None:
+        if leg.decoder is None:
+            leg.decoder = self.idle.pop() if self.idle else self._new_decoder()
         leg.decoder.start_utt()
         leg.in_utt = True
         leg.utt_start_samples = start_samples
@@ -272,17 +296,18 @@ class _Worker:
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    return rss_mb()
 
 
 def worker_main(
-    options: SphinxOptions, inbox: MpQueue[tuple[Any, ...]], outbox: MpQueue[tuple[Any, ...]]
+    options: SphinxOptions,
+    inbox: MpQueue[tuple[Any, ...]],
+    outbox: MpQueue[tuple[Any, ...]],
+    parent_pid: int | None = None,
 ) -> None:
     """Entry point of a worker process (spawned, so it imports only this module)."""
+    if parent_pid is not None:
+        die_with_parent(parent_pid)  # a SIGKILLed service must not leave decoders running
     if options.worker_nice:
         os.nice(options.worker_nice)
     try:
@@ -291,8 +316,18 @@ def worker_main(
         outbox.put(("failed", None, f"pocketsphinx could not load its model: {exc!r}"))
         return
     outbox.put(("ready", None, worker.init_s, _rss_mb()))
+    last_tick = time.monotonic()
     while True:
-        message = inbox.get()
+        try:
+            message = inbox.get(timeout=_TICK_S)
+        except queue.Empty:
+            message = None
+        now = time.monotonic()
+        if now - last_tick >= _TICK_S:
+            last_tick = now
+            worker.tick(now)
+        if message is None:
+            continue
         if message[0] == "stop":
             break
         worker.handle(message)
@@ -376,7 +411,7 @@ class SphinxEngine(Engine):
             outbox: MpQueue[tuple[Any, ...]] = context.Queue()
             process = context.Process(
                 target=worker_main,
-                args=(self.options, inbox, outbox),
+                args=(self.options, inbox, outbox, os.getpid()),
                 name=f"callscribe-sphinx-{index}",
                 daemon=True,
             )
