@@ -67,7 +67,20 @@ def total(snap: tuple[float, list[float]]) -> float:
     return snap[0] + sum(snap[1])
 
 
-def burst(rtp_port: int, sources: int, packets: int) -> None:
+def speech_payloads(count: int) -> list[bytes]:
+    """`count` 20 ms PCMU payloads of a real speech clip (looped), so legs get Decoders."""
+    from callscribe.codecs.g711 import PcmuEncoder
+    from tests.support import CLIPS, load_clip
+
+    clip = load_clip(CLIPS[0])
+    pcm8k = clip.pcm[:: clip.rate // 8000]
+    encoded = PcmuEncoder().encode(pcm8k)
+    while len(encoded) < count * 160:
+        encoded += encoded
+    return [encoded[i * 160 : (i + 1) * 160] for i in range(count)]
+
+
+def burst(rtp_port: int, sources: int, packets: int, pace: bool) -> None:
     """`packets` PCMU packets spread over `sources` sockets, consecutive sequence numbers per
     source (so each passes the auto-leg probation), as fast as the loop sends them."""
     socks = []
@@ -77,12 +90,14 @@ def burst(rtp_port: int, sources: int, packets: int) -> None:
             sock.bind(("127.0.0.1", 0))
             socks.append(sock)
         per_source = max(1, packets // sources)
-        payload = bytes(range(256))[:160]  # not silence: noise the endpointer may take for speech
+        payloads = speech_payloads(per_source)
         for seq in range(per_source):
             for index, sock in enumerate(socks):
                 header = bytes([0x80, 0]) + seq.to_bytes(2, "big") + (seq * 160).to_bytes(4, "big")
                 header += (0x1000 + index).to_bytes(4, "big")
-                sock.sendto(header + payload, ("127.0.0.1", rtp_port))
+                sock.sendto(header + payloads[seq], ("127.0.0.1", rtp_port))
+            if pace:
+                time.sleep(0.02)
     finally:
         for sock in socks:
             sock.close()
@@ -92,13 +107,16 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sources", type=int, default=500)
     parser.add_argument("--packets", type=int, default=2000)
+    parser.add_argument("--pace", action="store_true", help="20 ms between rounds (real-time speech)")
     parser.add_argument("--after", type=float, default=60.0)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     args = parser.parse_args()
     http_port, rtp_port = free_port(socket.SOCK_STREAM), free_port()
     env = {**os.environ, "CALLSCRIBE_AUDIOSOCKET_PORT": "0", "CALLSCRIBE_LEG_IDLE_TIMEOUT_SEC": "2"}
     prefix = f"bench-burst-{os.getpid()}"
-    process = subprocess.Popen(serve_command(args.redis_url, prefix, http_port, rtp_port), cwd=ROOT, env=env)
+    process = subprocess.Popen(  # noqa: ASYNC220 - started once, before any I/O
+        serve_command(args.redis_url, prefix, http_port, rtp_port), cwd=ROOT, env=env
+    )
     try:
         async with httpx.AsyncClient(timeout=2) as http:
             while True:
@@ -109,9 +127,10 @@ async def main() -> None:
                 await asyncio.sleep(0.2)
             await asyncio.sleep(3)
             idle = snapshot(process.pid)
-            print(f"idle    serve={idle[0]:.0f} workers={[round(w) for w in idle[1]]} total={total(idle):.0f} MB")
+            workers_mb = [round(w) for w in idle[1]]
+            print(f"idle    serve={idle[0]:.0f} workers={workers_mb} total={total(idle):.0f} MB")
             start = time.monotonic()
-            burst(rtp_port, args.sources, args.packets)
+            burst(rtp_port, args.sources, args.packets, args.pace)
             peak = idle
             while (elapsed := time.monotonic() - start) < args.after:
                 await asyncio.sleep(2)
@@ -124,11 +143,17 @@ async def main() -> None:
                     flush=True,
                 )
             after = snapshot(process.pid)
-            print(f"peak total={total(peak):.0f} MB; after {args.after:.0f}s total={total(after):.0f} MB "
-                  f"({100 * (total(after) / total(idle) - 1):+.1f}% of idle)")
+            print(
+                f"peak total={total(peak):.0f} MB; after {args.after:.0f}s total={total(after):.0f} MB "
+                f"({100 * (total(after) / total(idle) - 1):+.1f}% of idle)"
+            )
     finally:
         process.terminate()
-        process.wait(30)
+        try:
+            process.wait(45)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 if __name__ == "__main__":

@@ -84,6 +84,9 @@ class SphinxOptions:
     # Pooled Decoders beyond the first are freed (and the heap trimmed) after this long with
     # no leg open on the worker: a burst must not leave ~56 MB per Decoder behind for good.
     idle_decoder_ttl_s: float = 20.0
+    # A live Decoder (partials) is ~56 MB: beyond this many per worker, a leg that starts an
+    # utterance gets finals only (from the shared final decoder) until one is free again.
+    max_live_decoders: int = 8
     # Decoding is throughput work; the event loop (jitter buffers, publishing) is latency work
     # on the same cores, so the workers yield to it.
     worker_nice: int = 5
@@ -138,6 +141,7 @@ class _Worker:
         self.legs: dict[int, _LegDecoding] = {}
         self.last_busy = time.monotonic()
         self.trim_due = False
+        self.live_decoders = 0  # held by legs
 
     def _new_decoder(self, final: bool = False) -> Any:
         # Live decoders only produce partials: the first (tree) pass is enough for them; the
@@ -182,10 +186,13 @@ class _Worker:
                 self._close_stream(key, leg)
                 del self.legs[key]
                 if leg.decoder is not None:
+                    self.live_decoders -= 1
                     self._release(leg.decoder)
                 self.outbox.put(("finished", key))
         except Exception as exc:  # a broken decoder must not take the other legs down
-            self.legs.pop(key, None)
+            broken = self.legs.pop(key, None)
+            if broken is not None and broken.decoder is not None:
+                self.live_decoders -= 1  # not reused: it may be in a bad state
             self.outbox.put(("error", key, f"pocketsphinx failed on {kind}: {exc!r}"))
             if kind == "finish":
                 self.outbox.put(("finished", key))
@@ -241,9 +248,11 @@ class _Worker:
             self._end_utt(key, leg)
 
     def _start_utt(self, leg: _LegDecoding, start_samples: int) -> None:
-        if leg.decoder is None:
+        if leg.decoder is None and self.live_decoders < self.options.max_live_decoders:
             leg.decoder = self.idle.pop() if self.idle else self._new_decoder()
-        leg.decoder.start_utt()
+            self.live_decoders += 1
+        if leg.decoder is not None:
+            leg.decoder.start_utt()
         leg.in_utt = True
         leg.utt_start_samples = start_samples
         leg.utt_decoded = 0
@@ -257,12 +266,16 @@ class _Worker:
         # hold of the worker short, so partials keep their cadence.
         for at in range(0, len(speech), frame_bytes):
             chunk = speech[at : at + frame_bytes]
-            leg.decoder.process_raw(chunk)
+            if leg.decoder is not None:
+                leg.decoder.process_raw(chunk)
             leg.utt_audio.append(chunk)
             samples = len(chunk) // _BYTES_PER_SAMPLE
             leg.utt_decoded += samples
             leg.since_partial += samples
-            if leg.since_partial * 1000 >= self.options.partial_interval_ms * SAMPLE_RATE:
+            if (
+                leg.decoder is not None
+                and leg.since_partial * 1000 >= self.options.partial_interval_ms * SAMPLE_RATE
+            ):
                 leg.since_partial = 0
                 hyp = leg.decoder.hyp()
                 if hyp is not None and hyp.hypstr:
@@ -286,7 +299,8 @@ class _Worker:
         return hyp.hypstr if hyp is not None else ""
 
     def _end_utt(self, key: int, leg: _LegDecoding) -> None:
-        leg.decoder.end_utt()
+        if leg.decoder is not None:
+            leg.decoder.end_utt()
         speech, leg.utt_audio = b"".join(leg.utt_audio), []
         text = self._final_pass(speech) if speech else ""
         start = leg.utt_start_samples

@@ -118,6 +118,11 @@ class RedisStreamsPublisher:
             self._lose([(event, "closed")])
             return
         displaced = self._buffer.push(event)
+        if self._spool is not None and not self._up and event.type != EventType.PARTIAL:
+            # Redis is down: a final or lifecycle event is on disk (write(2), enough for a
+            # SIGKILL; see docs/crash-safety.md) before publish() returns, with all before it.
+            spilled = self._buffer.spill()
+            displaced.spool += spilled.spool
         self._handle(displaced)
         self._update_depth()
         self._wake.set()
@@ -306,6 +311,7 @@ class RedisStreamsPublisher:
 
     def _failed(self, exc: BaseException) -> None:
         self._metrics.publish_failures.inc()
+        self._spool_in_flight()
         self._up = False
         self._metrics.redis_up.set(0)
         self._recovery = None
@@ -343,6 +349,21 @@ class RedisStreamsPublisher:
         self._update_depth()
         self._progress.set()
         self._progress = asyncio.Event()
+
+    def _spool_in_flight(self) -> None:
+        """The write failed: the batch in flight (taken from memory) and everything after it
+        go to disk now, oldest first, instead of waiting in this process's memory."""
+        if self._spool is None or not self._buffer.spooling:
+            return
+        try:
+            if self._batch and not self._batch_from_spool:
+                self._spool.prepend(event for _, event in self._batch)
+                self._batch = []
+        except OSError as exc:
+            log.error("spool %s failed (%s): keeping events in memory", self._spool.directory, exc)
+            return
+        self._handle(self._buffer.spill())
+        self._update_depth()
 
     def _flushed_through(self, ordinal: int) -> bool:
         if self._spool is not None and len(self._spool):
