@@ -36,6 +36,12 @@ class Settings(BaseSettings):
         10_000, ge=10, description="events held in memory while Redis is unreachable"
     )
     spool_dir: Path | None = Field(None, description="where events beyond the buffer are spooled")
+    instance_id: str | None = Field(
+        None, description="this instance's lease id (default: kept in spool_dir, else random)"
+    )
+    instance_lease_sec: float = Field(
+        15.0, ge=1, description="calls of an instance silent this long are ended (bridge_lost)"
+    )
 
     # HTTP (health, legs API, metrics, websocket forks)
     http_host: str = "127.0.0.1"
