@@ -109,8 +109,20 @@ def leg_routes(service: Service) -> list[BaseRoute]:
         leg_id = request.path_params["leg_id"]
         if not await service.rtp.release(leg_id):
             return error(404, f"no open leg {leg_id!r}")
-        await service.publisher.wait_flushed(timeout=10.0)
-        return Response(status_code=204)
+        # A short wait when Redis is known to be down: the answer will be 202 anyway.
+        wait = 10.0 if service.publisher.connected else 1.0
+        if await service.publisher.wait_flushed(timeout=wait):
+            return Response(status_code=204)
+        # Not in Redis yet (Redis down or slow): the events wait in the outage buffer/spool.
+        return JSONResponse(
+            {
+                "leg_id": leg_id,
+                "status": "queued",
+                "detail": "the leg ended; its last events are queued and not yet in Redis",
+                "queued_events": service.publisher.buffer_depth,
+            },
+            status_code=202,
+        )
 
     async def list_legs(request: Request) -> Response:
         if response := refused(request):
