@@ -220,10 +220,10 @@ class InstanceLease:
         entries = await client.xrevrange(key, count=SEQ_SCAN_ENTRIES) or []
         call_seq, leg_seqs = 0, dict[str, int]()
         for _id, stored in entries:
-            fields: dict[Any, Any] = dict(stored or {})
-            leg = _text(fields.get(b"leg", b""))
+            fields = {_text(k): _text(v) for k, v in (stored or {}).items()}
+            leg = fields.get("leg", "")
             try:
-                seq = int(fields.get(b"seq", b"0"))
+                seq = int(fields.get("seq", "0"))
             except ValueError:
                 continue
             if leg:

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import time
+import wave
 from pathlib import Path
 
 import httpx
@@ -75,6 +76,19 @@ async def wait_ready(process: subprocess.Popen[bytes], http_port: int) -> None:
             await asyncio.sleep(0.2)
 
 
+def long_speech_wav(directory: Path) -> Path:
+    """The test clips with pauses, twice (~50 s): the call is still open at the kill even
+    when the first final is slow to come on a loaded machine."""
+    once = speech_wav(directory / "once.wav")
+    with wave.open(str(once), "rb") as wav:
+        params, frames = wav.getparams(), wav.readframes(wav.getnframes())
+    path = directory / "speech.wav"
+    with wave.open(str(path), "wb") as wav:
+        wav.setparams(params)
+        wav.writeframes(frames + frames)
+    return path
+
+
 def spooled_finals(spool: Path) -> set[tuple[str, str, int]]:
     found = set()
     for path in spool.glob("*.jsonl"):
@@ -111,7 +125,7 @@ async def test_sigkill_mid_call_ends_call_on_restart_and_loses_no_final(
         if redis_down_at_kill:
             server.kill()
             # The call goes on without Redis: finals made now must reach the spool.
-            await asyncio.sleep(9)
+            await asyncio.sleep(7)
         else:
             await asyncio.sleep(2)
         assert not sender.done(), "the call ended before the kill"
@@ -129,6 +143,8 @@ async def test_sigkill_mid_call_ends_call_on_restart_and_loses_no_final(
         if redis_down_at_kill:
             assert on_disk, "no final reached the spool while Redis was down"
             server.start()  # same port, same append-only file
+            await client.aclose()  # its connections died with the server
+            client = aioredis.from_url(server.url)
 
         second, http_port, _ = start_serve(server.url, prefix, spool)
         await wait_ready(second, http_port)
