@@ -1,6 +1,6 @@
 """RSS of one sphinx worker as Decoders are built, freed and the heap trimmed.
 
-    .venv/bin/python -m bench.decoder_memory [--decoders 20]
+.venv/bin/python -m bench.decoder_memory [--decoders 20]
 """
 
 from __future__ import annotations

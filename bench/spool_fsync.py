@@ -1,6 +1,6 @@
 """Cost of appending one event line to a spool file, with and without fsync.
 
-    .venv/bin/python -m bench.spool_fsync [--events 500] [--dir .]
+.venv/bin/python -m bench.spool_fsync [--events 500] [--dir .]
 """
 
 from __future__ import annotations

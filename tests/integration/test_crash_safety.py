@@ -112,7 +112,7 @@ async def test_sigkill_mid_call_ends_call_on_restart_and_loses_no_final(
     server.start()
     client = aioredis.from_url(server.url)
     prefix, spool = "crash", tmp_path / "spool"
-    wav = speech_wav(tmp_path / "speech.wav")
+    wav = long_speech_wav(tmp_path)
     first, http_port, rtp_port = start_serve(server.url, prefix, spool)
     second: subprocess.Popen[bytes] | None = None
     try:
