@@ -98,7 +98,7 @@ class Service:
         self._started: list[Component] = []
         self.app = create_app(
             health_routes(self.readiness, self.metrics),
-            leg_routes(self.rtp, self.registry, self.policy, self.publisher.wait_flushed),
+            leg_routes(self.rtp, self.registry, self.policy, self.publisher),
             whip_routes(self.whip, self.policy, self.publisher.wait_flushed, settings.http_host),
             dashboard_routes(self.dashboard, self.metrics),
             supervisor_routes(self.dashboard, settings.alert_phrases),

@@ -59,6 +59,12 @@ class Settings(BaseSettings):
         10_000, ge=10, description="events held in memory while Redis is unreachable"
     )
     spool_dir: Path | None = Field(None, description="where events beyond the buffer are spooled")
+    instance_id: str | None = Field(
+        None, description="this instance's lease id (default: kept in spool_dir, else random)"
+    )
+    instance_lease_sec: float = Field(
+        15.0, ge=1, description="calls of an instance silent this long are ended (bridge_lost)"
+    )
 
     # HTTP (health, legs API, metrics, websocket forks)
     http_host: str = "127.0.0.1"
@@ -80,6 +86,7 @@ class Settings(BaseSettings):
     max_packet_bytes: int = Field(8192, ge=256)
     max_packets_per_sec_per_source: int = Field(500, ge=10)
     leg_idle_timeout_sec: float = Field(10.0, gt=0)
+    max_auto_legs: int = Field(64, ge=1, description="auto-legs open at once, all sources together")
 
     # SIP user agent server and SIPREC recording server (callscribe.bridge.sip.server)
     sip_enabled: bool = Field(False, description="listen for SIP calls and SIPREC sessions")

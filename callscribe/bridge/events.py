@@ -29,6 +29,7 @@ class EndReason(StrEnum):
     TRACK_ENDED = "track_ended"  # WebRTC: the sender stopped the audio track
     CONNECTION_FAILED = "connection_failed"  # WebRTC: ICE/DTLS connection failed
     CONNECTION_CLOSED = "connection_closed"  # WebRTC: the peer connection closed
+    BRIDGE_LOST = "bridge_lost"  # the instance serving it died; another (or its restart) ended it
 
 
 class DropReason(StrEnum):

@@ -63,12 +63,14 @@ from callscribe.engine.base import (
     TimedWord,
     split_stable,
 )
+from callscribe.engine.process_care import die_with_parent, rss_mb, trim_heap
 
 log = logging.getLogger(__name__)
 
 ENGLISH = frozenset({"en", "en-us", "en_us", "english"})
 _BYTES_PER_SAMPLE = 2
 _READY_TIMEOUT_S = 60.0
+_TICK_S = 2.0  # a quiet worker checks its idle pool this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +83,12 @@ class SphinxOptions:
     partial_interval_ms: int = 250
     max_utterance_s: float = 20.0
     idle_decoders: int = 4
+    # Pooled Decoders beyond the first are freed (and the heap trimmed) after this long with
+    # no leg open on the worker: a burst must not leave ~56 MB per Decoder behind for good.
+    idle_decoder_ttl_s: float = 20.0
+    # A live Decoder (partials) is ~56 MB: beyond this many per worker, a leg that starts an
+    # utterance gets finals only (from the shared final decoder) until one is free again.
+    max_live_decoders: int = 8
     # Decoding is throughput work; the event loop (jitter buffers, publishing) is latency work
     # on the same cores, so the workers yield to it.
     worker_nice: int = 5
@@ -97,7 +105,7 @@ class SphinxOptions:
 class _LegDecoding:
     """One leg inside a worker: its Endpointer, Decoder and clock."""
 
-    decoder: Any
+    decoder: Any  # None until the leg's first speech: silence and noise cost no Decoder
     endpointer: Any
     utt: int = 0
     in_utt: bool = False
@@ -133,6 +141,9 @@ class _Worker:
         del first
         self.init_s = time.perf_counter() - started
         self.legs: dict[int, _LegDecoding] = {}
+        self.last_busy = time.monotonic()
+        self.trim_due = False
+        self.live_decoders = 0  # held by legs
 
     def _new_decoder(self, final: bool = False) -> Any:
         # Live decoders only produce partials: the first (tree) pass is enough for them; the
@@ -155,8 +166,7 @@ class _Worker:
         kind, key = message[0], message[1]
         if kind == "open":
             started = time.perf_counter()
-            decoder = self.idle.pop() if self.idle else self._new_decoder()
-            self.legs[key] = _LegDecoding(decoder, self._new_endpointer())
+            self.legs[key] = _LegDecoding(None, self._new_endpointer())
             self.outbox.put(("opened", key, time.perf_counter() - started))
             return
         leg = self.legs.get(key)
@@ -177,18 +187,37 @@ class _Worker:
             elif kind == "finish":
                 self._close_stream(key, leg)
                 del self.legs[key]
-                self._release(leg.decoder)
+                if leg.decoder is not None:
+                    self.live_decoders -= 1
+                    self._release(leg.decoder)
                 self.outbox.put(("finished", key))
         except Exception as exc:  # a broken decoder must not take the other legs down
-            self.legs.pop(key, None)
+            broken = self.legs.pop(key, None)
+            if broken is not None and broken.decoder is not None:
+                self.live_decoders -= 1  # not reused: it may be in a bad state
             self.outbox.put(("error", key, f"pocketsphinx failed on {kind}: {exc!r}"))
             if kind == "finish":
                 self.outbox.put(("finished", key))
 
     def _release(self, decoder: Any) -> None:
+        self.last_busy = time.monotonic()
         if len(self.idle) < self.options.idle_decoders:
             decoder.set_cmn(self.cmn_init)  # the next leg is another channel: forget this one's mean
             self.idle.append(decoder)
+        else:
+            self.trim_due = True  # trimmed at the next tick, once the caller's references are gone
+
+    def tick(self, now: float) -> None:
+        """Called when the inbox has been quiet: shrink the idle pool to one Decoder once no
+        leg has been open for `idle_decoder_ttl_s`, and give the memory back."""
+        if self.legs:
+            self.last_busy = now
+        elif len(self.idle) > 1 and now - self.last_busy >= self.options.idle_decoder_ttl_s:
+            del self.idle[1:]
+            self.trim_due = True
+        if self.trim_due:
+            self.trim_due = False
+            trim_heap()
 
     def _audio(self, key: int, leg: _LegDecoding, pcm: bytes) -> None:
         ep = leg.endpointer
@@ -221,7 +250,11 @@ class _Worker:
             self._end_utt(key, leg)
 
     def _start_utt(self, leg: _LegDecoding, start_samples: int) -> None:
-        leg.decoder.start_utt()
+        if leg.decoder is None and self.live_decoders < self.options.max_live_decoders:
+            leg.decoder = self.idle.pop() if self.idle else self._new_decoder()
+            self.live_decoders += 1
+        if leg.decoder is not None:
+            leg.decoder.start_utt()
         leg.in_utt = True
         leg.utt_start_samples = start_samples
         leg.utt_decoded = 0
@@ -235,12 +268,16 @@ class _Worker:
         # hold of the worker short, so partials keep their cadence.
         for at in range(0, len(speech), frame_bytes):
             chunk = speech[at : at + frame_bytes]
-            leg.decoder.process_raw(chunk)
+            if leg.decoder is not None:
+                leg.decoder.process_raw(chunk)
             leg.utt_audio.append(chunk)
             samples = len(chunk) // _BYTES_PER_SAMPLE
             leg.utt_decoded += samples
             leg.since_partial += samples
-            if leg.since_partial * 1000 >= self.options.partial_interval_ms * SAMPLE_RATE:
+            if (
+                leg.decoder is not None
+                and leg.since_partial * 1000 >= self.options.partial_interval_ms * SAMPLE_RATE
+            ):
                 leg.since_partial = 0
                 hyp = leg.decoder.hyp()
                 if hyp is not None and hyp.hypstr:
@@ -266,7 +303,8 @@ class _Worker:
         return hyp.hypstr, segment_words(decoder.seg(), int(decoder.config["frate"]))
 
     def _end_utt(self, key: int, leg: _LegDecoding) -> None:
-        leg.decoder.end_utt()
+        if leg.decoder is not None:
+            leg.decoder.end_utt()
         speech, leg.utt_audio = b"".join(leg.utt_audio), []
         text, words = self._final_pass(speech) if speech else ("", [])
         start = leg.utt_start_samples
@@ -292,17 +330,18 @@ def segment_words(segments: Any, frame_rate: int) -> list[TimedWord]:
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    return rss_mb()
 
 
 def worker_main(
-    options: SphinxOptions, inbox: MpQueue[tuple[Any, ...]], outbox: MpQueue[tuple[Any, ...]]
+    options: SphinxOptions,
+    inbox: MpQueue[tuple[Any, ...]],
+    outbox: MpQueue[tuple[Any, ...]],
+    parent_pid: int | None = None,
 ) -> None:
     """Entry point of a worker process (spawned, so it imports only this module)."""
+    if parent_pid is not None:
+        die_with_parent(parent_pid)  # a SIGKILLed service must not leave decoders running
     if options.worker_nice:
         os.nice(options.worker_nice)
     try:
@@ -311,8 +350,18 @@ def worker_main(
         outbox.put(("failed", None, f"pocketsphinx could not load its model: {exc!r}"))
         return
     outbox.put(("ready", None, worker.init_s, _rss_mb()))
+    last_tick = time.monotonic()
     while True:
-        message = inbox.get()
+        try:
+            message = inbox.get(timeout=_TICK_S)
+        except queue.Empty:
+            message = None
+        now = time.monotonic()
+        if now - last_tick >= _TICK_S:
+            last_tick = now
+            worker.tick(now)
+        if message is None:
+            continue
         if message[0] == "stop":
             break
         worker.handle(message)
@@ -396,7 +445,7 @@ class SphinxEngine(Engine):
             outbox: MpQueue[tuple[Any, ...]] = context.Queue()
             process = context.Process(
                 target=worker_main,
-                args=(self.options, inbox, outbox),
+                args=(self.options, inbox, outbox, os.getpid()),
                 name=f"callscribe-sphinx-{index}",
                 daemon=True,
             )

@@ -142,6 +142,15 @@ class OutageBuffer:
             if self._spooled_partial.get(key) == event.seq:
                 del self._spooled_partial[key]
 
+    def spill(self) -> Displaced:
+        """Everything in memory, for the spool now (Redis is down and a final or lifecycle
+        event arrived: it must be on disk before the caller moves on). Spooled partials
+        stay tracked, so a newer partial still supersedes them."""
+        displaced = Displaced()
+        if self.spooling:
+            self._spool_down_to(0, displaced)
+        return displaced
+
     def drain(self) -> list[tuple[int, TranscriptEvent]]:
         """Everything in memory, oldest first (used at shutdown)."""
         return self.take(len(self._events))
@@ -159,18 +168,20 @@ class OutageBuffer:
         if self._partial_of_leg.get(key) == ordinal:
             del self._partial_of_leg[key]
 
+    def _spool_down_to(self, keep: int, displaced: Displaced) -> None:
+        while len(self._events) > keep:
+            ordinal, event = self._events.popitem(last=False)
+            self._forget_partial(ordinal, event)
+            if event.type == EventType.PARTIAL:
+                self._spooled_partial[leg_key(event)] = event.seq
+            displaced.spool.append((ordinal, event))
+
     def _enforce_bound(self, displaced: Displaced) -> None:
         if len(self._events) <= self.limit:
             return
         if self.spooling:
             # Spool in chunks so an outage costs one file write per tenth of the buffer.
-            keep = max(1, self.limit - max(1, self.limit // 10))
-            while len(self._events) > keep:
-                ordinal, event = self._events.popitem(last=False)
-                self._forget_partial(ordinal, event)
-                if event.type == EventType.PARTIAL:
-                    self._spooled_partial[leg_key(event)] = event.seq
-                displaced.spool.append((ordinal, event))
+            self._spool_down_to(max(1, self.limit - max(1, self.limit // 10)), displaced)
             return
         while len(self._events) > self.limit and self._partials:
             oldest, _ = self._partials.popitem(last=False)

@@ -36,6 +36,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from callscribe.events import EventType, TranscriptEvent
 from callscribe.metrics import Metrics
 from callscribe.publish.connect import AnyRedis, connect
+from callscribe.publish.lease import InstanceLease, keep_lease, resolve_instance_id
 from callscribe.publish.outage import Displaced, OutageBuffer
 from callscribe.publish.spool import Spool
 from callscribe.settings import Settings
@@ -119,6 +120,13 @@ class RedisStreamsPublisher:
         self._replayed = 0
         self._lost = 0  # non-partial events lost, in total
         self._lost_logged_at = -1e9
+        # Calls left open by a dead instance get ended (see lease.py).
+        instance_id = resolve_instance_id(settings.instance_id, settings.spool_dir)
+        self.lease = InstanceLease(self._prefix, instance_id, settings.instance_lease_sec)
+        self._lease_task: asyncio.Task[None] | None = None
+        self._old_spooled = 0  # events an earlier run left in the spool, not yet replayed
+        self._batch_replayed = 0
+        self._batch_peeked = 0
         metrics.redis_up.set(0)
         self._update_depth()
 
@@ -137,6 +145,11 @@ class RedisStreamsPublisher:
             self._lose([(event, "closed")])
             return
         displaced = self._buffer.push(event)
+        if self._spool is not None and not self._up and event.type != EventType.PARTIAL:
+            # Redis is down: a final or lifecycle event is on disk (write(2), enough for a
+            # SIGKILL; see docs/crash-safety.md) before publish() returns, with all before it.
+            spilled = self._buffer.spill()
+            displaced.spool += spilled.spool
         self._handle(displaced)
         self._update_depth()
         self._wake.set()
@@ -157,6 +170,7 @@ class RedisStreamsPublisher:
         )
         if self._spool is not None and len(self._spool):
             log.warning("replaying %d events spooled in %s", len(self._spool), self._spool.directory)
+            self._old_spooled = len(self._spool)
             self._update_depth()
         # One quick ping so `connected` (and /readyz) is right as soon as start() returns.
         try:
@@ -166,6 +180,13 @@ class RedisStreamsPublisher:
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed(exc)
         self._sender = asyncio.create_task(self._run(), name="redis-streams-sender")
+        self._lease_task = asyncio.create_task(
+            keep_lease(self.lease, self._client, self.publish, self._may_sweep), name="instance-lease"
+        )
+
+    def _may_sweep(self) -> bool:
+        # Only once what an earlier run spooled is in Redis: its events come before any sweep.
+        return self._up and not self._closed and (self._spool is None or not len(self._spool))
 
     # `timeout` parameters: the API the service and the HTTP app call (see service.py).
     async def wait_flushed(self, timeout: float) -> bool:
@@ -184,9 +205,18 @@ class RedisStreamsPublisher:
         """Flush what Redis takes within `timeout`, spool the rest (or say loudly what is lost)."""
         if self._closed:
             return
+        flushed = False
         if self._sender is not None:
-            await self.wait_flushed(timeout)
+            flushed = await self.wait_flushed(timeout)
         self._closed = True
+        if self._lease_task is not None:
+            self._lease_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lease_task
+            if flushed and self._client is not None:
+                # Every call ended in Redis: no sweep needed, don't wait for the TTL.
+                with contextlib.suppress(RedisError, OSError):
+                    await self.lease.release(self._client)
         if self._sender is not None:
             self._sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -265,9 +295,14 @@ class RedisStreamsPublisher:
             if fresh:
                 self._batch = [(0, event) for event in fresh]
                 self._batch_from_spool = True
+                # How many of them an earlier run left (the spool is FIFO: the first peeked).
+                kept = {id(e) for e in fresh}
+                self._batch_replayed = sum(1 for e in events[: self._old_spooled] if id(e) in kept)
+                self._batch_peeked = len(events)
                 return
             # Only superseded partials or undecodable lines: consume them without a write.
             self._spool.commit()
+            self._old_spooled = max(0, self._old_spooled - len(events))
             self._update_depth()
         self._batch = self._buffer.take(BATCH_EVENTS)
         self._batch_from_spool = False
@@ -276,10 +311,12 @@ class RedisStreamsPublisher:
         """Write the batch; raises (keeping the batch) unless Redis answered for all of it."""
         assert self._client is not None
         events = [event for _, event in self._batch]
+        # The first `replayed` events of a spool batch are an earlier run's (spool is FIFO).
+        replayed = self._batch_replayed if self._batch_from_spool else 0
         pipe = self._client.pipeline(transaction=False)
         commands: list[int] = []  # index of the event each command belongs to
         for index, event in enumerate(events):
-            for command in self._commands(event):
+            for command in self._commands(event) + self.lease.tracking_commands(event, index < replayed):
                 pipe.execute_command(*command)
                 commands.append(index)
         replies: Sequence[Any] = await pipe.execute(raise_on_error=False)
@@ -300,6 +337,7 @@ class RedisStreamsPublisher:
             self._metrics.events_published.labels(type=kind).inc(count)
         if self._batch_from_spool and self._spool is not None:
             self._spool.commit()
+            self._old_spooled = max(0, self._old_spooled - self._batch_peeked)
         self._batch = []
         return len(events)
 
@@ -343,6 +381,7 @@ class RedisStreamsPublisher:
 
     def _failed(self, exc: BaseException) -> None:
         self._metrics.publish_failures.inc()
+        self._spool_in_flight()
         self._up = False
         self._metrics.redis_up.set(0)
         self._recovery = None
@@ -380,6 +419,21 @@ class RedisStreamsPublisher:
         self._update_depth()
         self._progress.set()
         self._progress = asyncio.Event()
+
+    def _spool_in_flight(self) -> None:
+        """The write failed: the batch in flight (taken from memory) and everything after it
+        go to disk now, oldest first, instead of waiting in this process's memory."""
+        if self._spool is None or not self._buffer.spooling:
+            return
+        try:
+            if self._batch and not self._batch_from_spool:
+                self._spool.prepend(event for _, event in self._batch)
+                self._batch = []
+        except OSError as exc:
+            log.error("spool %s failed (%s): keeping events in memory", self._spool.directory, exc)
+            return
+        self._handle(self._buffer.spill())
+        self._update_depth()
 
     def _flushed_through(self, ordinal: int) -> bool:
         if self._spool is not None and len(self._spool):

@@ -10,7 +10,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import SecretStr
 from starlette.applications import Starlette
@@ -92,8 +92,18 @@ def health_routes(checks: Callable[[], Mapping[str, bool]], metrics: Metrics) ->
     return [Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", render_metrics)]
 
 
+class Delivery(Protocol):
+    """What the legs API needs of the publisher: are the events published so far in Redis?"""
+
+    @property
+    def connected(self) -> bool: ...
+    @property
+    def buffer_depth(self) -> int: ...
+    async def wait_flushed(self, timeout: float) -> bool: ...
+
+
 def leg_routes(
-    ports: RtpPorts, registry: CallRegistry, policy: AccessPolicy, wait_flushed: WaitFlushed
+    ports: RtpPorts, registry: CallRegistry, policy: AccessPolicy, delivery: Delivery
 ) -> list[BaseRoute]:
     def refused(request: Request) -> Response | None:
         return refusal(request, policy, policy.api_token, "callscribe-api")
@@ -138,8 +148,20 @@ def leg_routes(
         leg_id = request.path_params["leg_id"]
         if not await ports.release(leg_id):
             return error(404, f"no open leg {leg_id!r}")
-        await wait_flushed(10.0)
-        return Response(status_code=204)
+        # A short wait when Redis is known to be down: the answer will be 202 anyway.
+        wait = 10.0 if delivery.connected else 1.0
+        if await delivery.wait_flushed(timeout=wait):
+            return Response(status_code=204)
+        # Not in Redis yet (Redis down or slow): the events wait in the outage buffer/spool.
+        return JSONResponse(
+            {
+                "leg_id": leg_id,
+                "status": "queued",
+                "detail": "the leg ended; its last events are queued and not yet in Redis",
+                "queued_events": delivery.buffer_depth,
+            },
+            status_code=202,
+        )
 
     async def list_legs(request: Request) -> Response:
         if response := refused(request):

@@ -341,7 +341,9 @@ class RtpIngest:
 
     def _open_auto_leg(self, addr: Address, ssrc: int, now: float) -> _LegMedia | None:
         host = str(addr[0])
-        if not self._auto_per_host.acquire(host):
+        # Sources need no handshake, so spoofed hosts pass the per-host cap: a global one too
+        # (checked first, so a refusal holds no per-host slot).
+        if len(self._auto) >= self._settings.max_auto_legs or not self._auto_per_host.acquire(host):
             self._metrics.drop(TRANSPORT, DropReason.AUTO_LEG_LIMIT)
             return None
         call_id = f"rtp-{host}-{addr[1]}-{ssrc:08x}"
