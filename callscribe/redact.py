@@ -7,7 +7,7 @@ consecutive numeric tokens is one spoken/written number. Redaction replaces ever
 run it decides on by `MASK`, one for one, so a final's `words` and a partial's stable/unstable
 split keep their alignment with `text`.
 
-What is redacted (docs/contract-v2.md, "Redaction"):
+What is redacted (docs/contract.md, "Redaction"):
 - pci: any run of 13 or more digits: a superset of Luhn-valid 13–19 digit card numbers that
   also catches spoken cards whose checksum a recognition error broke (a phone number has
   at most 15 digits with its country code and is rarely said as one run of 13+). While a
@@ -206,7 +206,7 @@ class _CallState:
 
 class Redactor:
     """Redacts a call's events in publish order, before any sink sees them (CallRegistry
-    applies it to every event it makes; docs/contract-v2.md "Redaction").
+    applies it to every event it makes; docs/contract.md "Redaction").
 
     Which kinds apply: the `redact` ingest option of the leg (leg.started meta), else of the
     call (call.started meta), else the `default`. Card context spans the legs of a call (the

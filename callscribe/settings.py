@@ -151,7 +151,7 @@ class Settings(BaseSettings):
         False, description="replicas run with --scheduling-policy priority: finals are sent with priority 0"
     )
 
-    # Transcripts (docs/contract-v2.md): what is redacted before anything is published or spooled
+    # Transcripts (docs/contract.md): what is redacted before anything is published or spooled
     redact: list[str] = Field(
         default_factory=list,
         description='redaction of every call unless its ingest says otherwise: "pci", "ssn" (env: JSON list)',

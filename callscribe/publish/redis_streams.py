@@ -1,4 +1,4 @@
-"""TranscriptEvents → Redis Streams (schema v2, docs/contract-v2.md).
+"""TranscriptEvents → Redis Streams (schema v2, docs/contract.md).
 
 `publish()` never blocks: it queues the event in the outage buffer and wakes one sender
 task, which writes batches with a non-transactional pipeline. A batch leaves the sender

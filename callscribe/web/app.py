@@ -126,7 +126,7 @@ def leg_routes(
                 raise ValueError("leg and codec must be non-empty strings")
             if not isinstance(meta, dict):
                 raise ValueError("meta must be a JSON object")
-            # Per-call options (docs/contract-v2.md) travel in the leg's metadata.
+            # Per-call options (docs/contract.md) travel in the leg's metadata.
             meta.update({name: body[name] for name in OPTIONS if name in body})
             if "redact" in meta:
                 parse_redactions(meta["redact"])  # a bad value is the caller's 400, not a silent default

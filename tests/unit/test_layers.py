@@ -1,4 +1,4 @@
-"""The import rule of docs/design-bridge.md: protocol cores do no I/O.
+"""The import rule of docs/design.md: protocol cores do no I/O.
 
 Every module of bridge/sip, bridge/rtp, bridge/audiosocket and bridge/forks except the I/O
 shells (server, ingest, endpoint, and rtp/sender: the `callscribe send` client), plus
