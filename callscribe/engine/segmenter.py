@@ -56,10 +56,10 @@ class SegmenterConfig:
     onset_window: int = 5
     # Confirmation of an utterance's end: a pause this long closes it. Shorter pauses inside a
     # sentence do not; docs/latency.md has the trade-off (finals latency vs split sentences).
-    end_silence_ms: int = 260
-    tail_ms: int = 120
+    end_silence_ms: int = 240
+    tail_ms: int = 80
     # Offer the ending utterance for a speculative decode after this much silence (None: never).
-    speculate_silence_ms: int | None = 120
+    speculate_silence_ms: int | None = 80
     max_window_sec: float = 20.0
     cut_search_sec: float = 4.0
 

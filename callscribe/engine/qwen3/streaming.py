@@ -81,7 +81,7 @@ class StreamingConfig:
     chunk_size_sec: float = 2.0
     # The first partial of an utterance after this much of it (pre-roll included), so the
     # first words show within ~0.5 s of the onset; None: after chunk_size_sec like the rest.
-    first_chunk_sec: float | None = 0.8
+    first_chunk_sec: float | None = 0.6
     # A partial decodes at most this much audio: the utterance's end; None: all of it.
     partial_window_sec: float | None = 4.0
     # All partials of an utterance together decode at most this many times its audio so far;
@@ -449,7 +449,8 @@ class Qwen3LegStream(LegStream):
             "partial",
             build_prompt(self._context(), self._language, prefix),
             audio,
-            self._config.partial_max_tokens,
+            # Nor more than the audio can hold (the finals' rule): a short first chunk is a short decode.
+            min(self._config.partial_max_tokens, self._config.final_tokens(audio.size)),
         )
         self._partial = job
         self._admission.stats.partials_submitted += 1
