@@ -83,12 +83,14 @@ def speech_span(flags: np.ndarray, start_ms: int, end_ms: int) -> tuple[int, int
     return lo + int(idx[0]), lo + int(idx[-1])
 
 
-def measure_callscribe(runs: list[LegRun]) -> tuple[list[float], list[float], int]:
-    """(final after last speech frame, first text after first speech frame, finals) in ms."""
+def measure_callscribe(runs: list[LegRun]) -> tuple[list[float], list[float], int, list[float]]:
+    """(final after last speech frame, first text after first speech frame, finals, final
+    latency of utterances with at most 3 s of speech) in ms."""
     from callscribe.engine.base import Final, Partial
 
     finals_ms: list[float] = []
     first_ms: list[float] = []
+    short_ms: list[float] = []
     count = 0
     for run in runs:
         first_seen: dict[int, float] = {}
@@ -105,7 +107,9 @@ def measure_callscribe(runs: list[LegRun]) -> tuple[list[float], list[float], in
             onset, last = span
             finals_ms.append((at - run.sent[last]) * 1000)
             first_ms.append((first_seen[event.utt] - run.sent[onset]) * 1000)
-    return finals_ms, first_ms, count
+            if (last - onset) * 20 <= 3000:
+                short_ms.append(finals_ms[-1])
+    return finals_ms, first_ms, count, short_ms
 
 
 async def paced(runs: list[LegRun], send: Any) -> None:
@@ -147,11 +151,9 @@ async def run_callscribe(
     return runs, {k: getattr(stats, k) - v for k, v in before.items()}
 
 
-async def passes_on_monologue(engine: Any, config: Any, speech_clips: np.ndarray) -> tuple[float, int]:
-    """Audio passes per utterance on a 19.5 s monologue (the clips back to back, no added pause)."""
-    audio = np.concatenate(
-        [np.tile(speech_clips, 2)[: int(19.5 * SAMPLE_RATE)], np.zeros(SAMPLE_RATE, np.float32)]
-    )
+async def passes_on_monologue(engine: Any, config: Any) -> tuple[float, int]:
+    """Audio passes per utterance on a 19.5 s monologue (one utterance, below max_window_sec)."""
+    audio = np.concatenate([monologue(19.5), np.zeros(SAMPLE_RATE, np.float32)])
     runs, delta = await run_callscribe(engine, config, [audio], [vad_flags(audio)], "monologue")
     from callscribe.engine.base import Final
 
@@ -159,14 +161,22 @@ async def passes_on_monologue(engine: Any, config: Any, speech_clips: np.ndarray
     return delta["audio_tokens"] / max(1, delta["final_audio_tokens"]), finals
 
 
-def clips_back_to_back() -> np.ndarray:
+def monologue(seconds: float) -> np.ndarray:
+    """The clips back to back with every pause the VAD hears shortened to 100 ms (below the
+    end-of-utterance pause): `seconds` of speech that segments as one utterance."""
     parts = []
     for name in CLIPS:
         with wave.open(str(SHARED / "audio" / f"{name}.wav"), "rb") as wav:
-            parts.append(
-                np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
-            )
-    return np.concatenate(parts)
+            pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+        parts.append(pcm.astype(np.float32) / 32768.0)
+    audio = np.tile(np.concatenate(parts), 3)
+    flags = vad_flags(audio)
+    keep, run = [], 0
+    for index, speech in enumerate(flags):
+        run = 0 if speech else run + 1
+        if run <= 5:
+            keep.append(audio[index * FRAME : (index + 1) * FRAME])
+    return np.concatenate(keep)[: int(seconds * SAMPLE_RATE)]
 
 
 # -- vLLM /v1/realtime ---------------------------------------------------------------------
@@ -363,16 +373,17 @@ async def _run(
     results: dict[str, Any] = {}
     for name, config in (("callscribe", ours), ("classic", classic)):
         runs, delta = await run_callscribe(engine, config, audios, flags, name)
-        finals_ms, first_ms, count = measure_callscribe(runs)
+        finals_ms, first_ms, count, short_ms = measure_callscribe(runs)
         results[name] = (finals_ms, first_ms, count, delta, runs)
         print(
-            f"{name}: final after speech p50/p95 {p50_95(finals_ms)} ms, first text p50/p95 "
+            f"{name}: final after speech p50/p95 {p50_95(finals_ms)} ms ({len(short_ms)} utterances of "
+            f"<= 3 s speech: {p50_95(short_ms)} ms), first text p50/p95 "
             f"{p50_95(first_ms)} ms, {count} finals, "
             f"{delta['audio_tokens'] / (args.legs * args.seconds):.1f} audio tokens/audio s, {delta}",
             file=sys.stderr,
         )
-    passes, monologue_finals = await passes_on_monologue(engine, ours, clips_back_to_back())
-    passes_classic, _ = await passes_on_monologue(engine, classic, clips_back_to_back())
+    passes, monologue_finals = await passes_on_monologue(engine, ours)
+    passes_classic, _ = await passes_on_monologue(engine, classic)
     print(
         f"monologue 19.5 s: {passes:.2f} passes per utterance ({monologue_finals} finals); "
         f"classic {passes_classic:.2f}",

@@ -449,12 +449,20 @@ class Qwen3LegStream(LegStream):
             "partial",
             build_prompt(self._context(), self._language, prefix),
             audio,
-            # Nor more than the audio can hold (the finals' rule): a short first chunk is a short decode.
-            min(self._config.partial_max_tokens, self._config.final_tokens(audio.size)),
+            self._partial_tokens(prefix, end - start),
         )
         self._partial = job
         self._admission.stats.partials_submitted += 1
         job.task = asyncio.get_running_loop().create_task(self._run_partial(job, request))
+
+    def _partial_tokens(self, prefix: str, utterance_samples: int) -> int:
+        """The partial's output cap: the whole hypothesis (prefix + output) no longer than the
+        utterance so far can hold (the finals' rule), so a short first chunk is a short decode
+        and the prefix grows with the speech, not by the cap every chunk; at least
+        `unfixed_token_num` (the rolled-back tail is written again), at most partial_max_tokens."""
+        prefix_tokens = len(self._admission.backend.tokenizer.encode(prefix)) if prefix else 0
+        room = self._config.final_tokens(utterance_samples) - prefix_tokens
+        return max(1, min(self._config.partial_max_tokens, max(self._config.unfixed_token_num, room)))
 
     def _wake(self) -> None:
         if self._pending and self._partial is None:
