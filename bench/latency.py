@@ -151,9 +151,11 @@ async def run_callscribe(
     return runs, {k: getattr(stats, k) - v for k, v in before.items()}
 
 
-async def passes_on_monologue(engine: Any, config: Any) -> tuple[float, int]:
-    """Audio passes per utterance on a 19.5 s monologue (one utterance, below max_window_sec)."""
-    audio = np.concatenate([monologue(19.5), np.zeros(SAMPLE_RATE, np.float32)])
+async def passes_on_monologue(engine: Any, config: Any, max_pause_ms: int = 60) -> tuple[float, int]:
+    """Audio passes per utterance on a 19.5 s monologue (one utterance, below max_window_sec).
+    Pauses up to 60 ms: continuous speech; 160 ms: phrase pauses, on which speculative finals
+    start and are aborted (each wastes a pass of the utterance so far, within speculation_passes)."""
+    audio = np.concatenate([monologue(19.5, max_pause_ms), np.zeros(SAMPLE_RATE, np.float32)])
     runs, delta = await run_callscribe(engine, config, [audio], [vad_flags(audio)], "monologue")
     from callscribe.engine.base import Final
 
@@ -161,9 +163,9 @@ async def passes_on_monologue(engine: Any, config: Any) -> tuple[float, int]:
     return delta["audio_tokens"] / max(1, delta["final_audio_tokens"]), finals
 
 
-def monologue(seconds: float) -> np.ndarray:
-    """The clips back to back with every pause the VAD hears shortened to 100 ms (below the
-    end-of-utterance pause): `seconds` of speech that segments as one utterance."""
+def monologue(seconds: float, max_pause_ms: int) -> np.ndarray:
+    """The clips back to back with every pause the VAD hears shortened to `max_pause_ms`
+    (below the end-of-utterance pause): `seconds` of speech that segments as one utterance."""
     parts = []
     for name in CLIPS:
         with wave.open(str(SHARED / "audio" / f"{name}.wav"), "rb") as wav:
@@ -174,7 +176,7 @@ def monologue(seconds: float) -> np.ndarray:
     keep, run = [], 0
     for index, speech in enumerate(flags):
         run = 0 if speech else run + 1
-        if run <= 5:
+        if run * 20 <= max_pause_ms:
             keep.append(audio[index * FRAME : (index + 1) * FRAME])
     return np.concatenate(keep)[: int(seconds * SAMPLE_RATE)]
 
@@ -384,9 +386,11 @@ async def _run(
         )
     passes, monologue_finals = await passes_on_monologue(engine, ours)
     passes_classic, _ = await passes_on_monologue(engine, classic)
+    passes_paused, paused_finals = await passes_on_monologue(engine, ours, 160)
     print(
         f"monologue 19.5 s: {passes:.2f} passes per utterance ({monologue_finals} finals); "
-        f"classic {passes_classic:.2f}",
+        f"classic {passes_classic:.2f}; with 160 ms phrase pauses {passes_paused:.2f} "
+        f"({paused_finals} finals)",
         file=sys.stderr,
     )
     # One pass of the model's audio encoder over 5 s: what the realtime API spends per segment.
@@ -435,7 +439,8 @@ async def _run(
         f"{percentile(finals_ms, 95):.0f} ms; first text p95 {percentile(c_first_ms, 95):.0f} -> "
         f"{percentile(first_ms, 95):.0f} ms; finals {c_count} -> {count} (x{count / max(1, c_count):.2f}); "
         f"audio tokens {c_tokens} -> {tokens} (x{tokens / max(1, c_tokens):.2f}); "
-        f"passes on the monologue {passes_classic:.2f} -> {passes:.2f}; "
+        f"passes on the monologue {passes_classic:.2f} -> {passes:.2f} "
+        f"({passes_paused:.2f} with 160 ms pauses); "
         f"speculative finals started/used/aborted {spec}"
     )
     print(

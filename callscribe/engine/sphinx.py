@@ -20,10 +20,17 @@ which `ratio` must agree to switch). Every utterance gets exactly one `Final`, a
 has no words (text ""): `utt` numbers stay dense and a consumer can pair partials with their
 final. Partials are sent every `partial_interval_ms` of speech audio decoded (when the
 hypothesis is not empty); `stable`/`unstable` come from `split_stable`. An utterance longer
-than `max_utterance_s` is cut there (the final pass cost grows with its length). Partials
-come from a live decoder per leg (first search pass only, live CMN); every final comes from
-one more decode of the whole utterance (`_final_pass`: batch CMN, all passes), which is what
-makes the phone band usable with this wideband model.
+than `max_utterance_s` is cut there (the final pass cost grows with its length).
+
+One pass once warm: each leg has a live decoder (all search passes, live CMN) whose partials
+are sent as it goes. The model's CMN init is a wideband mean, far from a phone channel's, so
+on a leg's first utterance (cold) the live partials would read nonsense: the live decoder is
+restarted after `cold_warmup_s` of speech with the mean of that audio (`_warm_up`: one batch
+decode of it), and partials start only then; that utterance's final still comes from one
+more decode of the whole utterance (`_final_pass`: batch CMN, all passes), which is what
+makes the phone band usable with this wideband model. Its batch mean then seeds the live
+decoder, so every later utterance of the leg (warm) is decoded once: its final is the live
+decoder's own result after `end_utt` (`one_pass=False` keeps the second pass for all).
 
 Backlog: each leg may have at most `max_backlog_s` of audio sent to its worker and not yet
 decoded. Audio beyond that is dropped (never queued without bound), the leg gets one
@@ -86,6 +93,11 @@ class SphinxOptions:
     # each pass; 3,000 halves that with the same words on the test clips (WER 0.386 either way),
     # which is what lets one leg (live pass + final pass) run in real time on one core.
     decoder_config: tuple[tuple[str, Any], ...] = (("maxhmmpf", 3000),)
+    # Finals from the live decoder once the leg's CMN is warm (see the module docstring).
+    one_pass: bool = True
+    # Speech on a cold leg before partials start (the CMN is estimated from it); None: partials
+    # from the first speech, with the model's wideband CMN init.
+    cold_warmup_s: float | None = 1.0
 
 
 # ---------------------------------------------------------------- worker process side
@@ -105,6 +117,8 @@ class _LegDecoding:
     since_partial: int = 0
     pending: bytes = b""  # less than one endpointer frame
     utt_audio: list[bytes] = field(default_factory=list)  # the open utterance, for its final pass
+    warm_cmn: str | None = None  # this channel's cepstral mean, once one utterance was decoded
+    utt_warm: bool = False  # the open utterance started with warm_cmn: one pass is enough
 
 
 class _Worker:
@@ -133,9 +147,13 @@ class _Worker:
         self.legs: dict[int, _LegDecoding] = {}
 
     def _new_decoder(self, final: bool = False) -> Any:
-        # Live decoders only produce partials: the first (tree) pass is enough for them; the
-        # final decoder adds the flat and best-path passes.
-        config = self._config if final else {**self._config, "fwdflat": False, "bestpath": False}
+        # With one_pass, live decoders give warm finals, so they run every pass (the flat and
+        # best-path passes cost nothing until end_utt); otherwise they only produce partials
+        # and the first (tree) pass is enough.
+        live_only = not self.options.one_pass
+        config = (
+            {**self._config, "fwdflat": False, "bestpath": False} if live_only and not final else self._config
+        )
         if self.lm is None:
             return self._decoder_cls(**config)
         decoder = self._decoder_cls(**{**config, "lm": None})
@@ -219,6 +237,9 @@ class _Worker:
             self._end_utt(key, leg)
 
     def _start_utt(self, leg: _LegDecoding, start_samples: int) -> None:
+        if leg.warm_cmn is not None:
+            leg.decoder.set_cmn(leg.warm_cmn)
+        leg.utt_warm = self.options.one_pass and leg.warm_cmn is not None
         leg.decoder.start_utt()
         leg.in_utt = True
         leg.utt_start_samples = start_samples
@@ -238,7 +259,14 @@ class _Worker:
             samples = len(chunk) // _BYTES_PER_SAMPLE
             leg.utt_decoded += samples
             leg.since_partial += samples
-            if leg.since_partial * 1000 >= self.options.partial_interval_ms * SAMPLE_RATE:
+            warmup = self.options.cold_warmup_s
+            cold = leg.warm_cmn is None and warmup is not None
+            if cold and leg.utt_decoded >= (warmup or 0.0) * SAMPLE_RATE:
+                self._warm_up(leg)
+                cold = False
+            if cold:
+                leg.since_partial = 0  # cold CMN: no partials (they would read nonsense)
+            elif leg.since_partial * 1000 >= self.options.partial_interval_ms * SAMPLE_RATE:
                 leg.since_partial = 0
                 hyp = leg.decoder.hyp()
                 if hyp is not None and hyp.hypstr:
@@ -248,6 +276,17 @@ class _Worker:
                 start = leg.utt_start_samples + leg.utt_decoded
                 self._end_utt(key, leg)
                 self._start_utt(leg, start)
+
+    def _warm_up(self, leg: _LegDecoding) -> None:
+        """Estimate the channel's cepstral mean from the speech so far (one batch decode of
+        it) and decode that speech again live from it: the partials start sane."""
+        self._final_pass(b"".join(leg.utt_audio))
+        leg.warm_cmn = str(self.final_decoder.get_cmn())
+        leg.decoder.end_utt()
+        leg.decoder.set_cmn(leg.warm_cmn)
+        leg.decoder.start_utt()
+        for chunk in leg.utt_audio:
+            leg.decoder.process_raw(chunk)
 
     def _final_pass(self, speech: bytes) -> str:
         """Decode a whole utterance at once: CMN from the utterance itself (batch mode) and
@@ -264,7 +303,19 @@ class _Worker:
     def _end_utt(self, key: int, leg: _LegDecoding) -> None:
         leg.decoder.end_utt()
         speech, leg.utt_audio = b"".join(leg.utt_audio), []
-        text = self._final_pass(speech) if speech else ""
+        # The decoder whose result is the final (its hyp, and its seg() for word timings).
+        decoder = None
+        if leg.utt_warm:
+            decoder = leg.decoder  # one pass: the live decoder's own result
+        elif speech:
+            self._final_pass(speech)
+            decoder = self.final_decoder
+        hyp = decoder.hyp() if decoder is not None else None
+        text = hyp.hypstr if hyp is not None else ""
+        if decoder is not None:
+            # The channel's mean (batch over this utterance, or live and adapted): the next
+            # utterance of the leg starts from it.
+            leg.warm_cmn = str(decoder.get_cmn())
         start = leg.utt_start_samples
         self.outbox.put(("final", key, leg.utt, text, start, start + leg.utt_decoded))
         leg.utt += 1

@@ -480,7 +480,7 @@ class RemoteQwen3Engine(Qwen3Engine):
         return cls(
             list(settings.vllm_urls),
             settings.model,
-            StreamingConfig(language=settings.language),
+            StreamingConfig(language=settings.language, partial_window_sec=settings.partial_window_sec),
             request_timeout=settings.vllm_request_timeout_sec,
             health_interval=settings.vllm_health_interval_sec,
             priority_scheduling=settings.vllm_priority_scheduling,

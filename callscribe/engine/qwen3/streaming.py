@@ -87,6 +87,10 @@ class StreamingConfig:
     # All partials of an utterance together decode at most this many times its audio so far;
     # with its one final that bounds an utterance to 1 + partial_passes passes. None: no bound.
     partial_passes: float | None = 1.5
+    # Speculative finals aborted by resumed speech waste a pass of the utterance so far each;
+    # another speculation starts only while that waste is at most this many passes of the
+    # utterance (the first always does). None: no bound.
+    speculation_passes: float | None = 0.5
     partial_max_tokens: int = 32
     final_max_tokens: int = 256
     # Qwen3-ASR writes ~3-5 tokens per second of speech; 10/s leaves room for dense speech
@@ -105,7 +109,7 @@ class StreamingConfig:
             )
         if self.partial_max_tokens < 1 or self.final_max_tokens < 1:
             raise ValueError("partial_max_tokens and final_max_tokens must be >= 1")
-        for name in ("first_chunk_sec", "partial_window_sec", "partial_passes"):
+        for name in ("first_chunk_sec", "partial_window_sec", "partial_passes", "speculation_passes"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be > 0 or None, got {value}")
@@ -182,6 +186,7 @@ class DecodeStats:
     speculative_started: int = 0
     speculative_used: int = 0  # published as the utterance's final
     speculative_aborted: int = 0  # speech resumed (or the utterance closed otherwise)
+    speculative_skipped: int = 0  # pauses not speculated on: speculation_passes spent
     decode_errors: int = 0
     prompt_tokens: int = 0
     audio_tokens: int = 0
@@ -321,6 +326,8 @@ class Qwen3LegStream(LegStream):
         self._due = False  # a chunk boundary was crossed and its partial is not requested yet
         self._partial_audio = 0  # samples decoded by this utterance's partials (the budget)
         self._spec: _Speculation | None = None
+        self._spec_waste = 0  # samples decoded by this utterance's aborted speculations
+        self._spec_skipped_at: int | None = None
         self._background: set[asyncio.Task[DecodeResult | None]] = set()
         # Finals, in order.
         self._finals: asyncio.Queue[tuple[Utterance, _Speculation | None] | None] = asyncio.Queue()
@@ -540,6 +547,12 @@ class Qwen3LegStream(LegStream):
             self._drop_speculation()
         if end is None or self._closed:
             return
+        bound = self._config.speculation_passes
+        if bound is not None and self._spec_waste > bound * self._segmenter.open_samples:
+            if self._spec_skipped_at != end:
+                self._spec_skipped_at = end
+                self._admission.stats.speculative_skipped += 1
+            return
         utterance = self._segmenter.ending()
         if utterance is None:
             return
@@ -573,6 +586,7 @@ class Qwen3LegStream(LegStream):
         if spec is None:
             return
         self._admission.stats.speculative_aborted += 1
+        self._spec_waste += spec.utterance.audio.size
         asyncio.get_running_loop().create_task(self._admission.backend.abort(spec.request.request_id))
 
     def _take_speculation(self, utterance: Utterance) -> _Speculation | None:
@@ -597,6 +611,7 @@ class Qwen3LegStream(LegStream):
         self._chunks_seen = 0
         self._due = False
         self._partial_audio = 0
+        self._spec_waste = 0
         self._raw = self._committed = ""
         self._held = None
         self._finals_outstanding += 1
