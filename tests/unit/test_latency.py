@@ -184,3 +184,20 @@ async def test_remote_request_body_carries_int16_pcm() -> None:
     assert ratio == pytest.approx(0.5, abs=0.01)
     assert wav_pcm16(np.array([2.0, -2.0], dtype=np.float32))[44:] == b"\xff\x7f\x01\x80"  # clipped
     await backend.close()
+
+
+async def test_aborted_speculations_are_bounded_by_speculation_passes() -> None:
+    backend = ScriptedBackend(count_words)
+    out = Collector()
+    engine = make_engine(backend, **LATENCY, speculation_passes=0.5)
+    stream = engine.open_stream("c", "a", out)
+    phrase = np.concatenate([tone(1.0), silence(0.16)])  # a pause long enough to speculate on
+    await feed_frames(stream, np.concatenate([silence(0.5), *[phrase] * 8, tone(1.0), silence(0.6)]))
+    await stream.finish()
+    stats = engine.stats
+    assert len(out.finals) == 1  # one utterance: no pause reached the confirmation
+    assert stats.speculative_skipped > 0 and stats.speculative_started < 9
+    wasted = sum(seconds_of(c.request) for c in backend.calls if "/s" in c.request.request_id and c.aborted)
+    spoken = (out.finals[0].end_ms - out.finals[0].start_ms) / 1000
+    # The last waste allowed came when it was at most 0.5 passes; that speculation added one more.
+    assert wasted <= 0.5 * spoken + spoken / 2
