@@ -89,7 +89,8 @@ class StreamingConfig:
     partial_passes: float | None = 1.5
     # Speculative finals aborted by resumed speech waste a pass of the utterance so far each;
     # another speculation starts only while that waste is at most this many passes of the
-    # utterance (the first always does). None: no bound.
+    # utterance (the first always does). None: no bound. The waste also counts against
+    # partial_passes, so partials + aborted speculations stay within ~partial_passes.
     speculation_passes: float | None = 0.5
     partial_max_tokens: int = 32
     final_max_tokens: int = 256
@@ -426,7 +427,9 @@ class Qwen3LegStream(LegStream):
         passes = self._config.partial_passes
         if passes is None:
             return True
-        return self._partial_audio + self._partial_samples() <= passes * self._segmenter.open_samples
+        # Aborted speculative finals spend from the same budget: partials wait for them too.
+        spent = self._partial_audio + self._spec_waste
+        return spent + self._partial_samples() <= passes * self._segmenter.open_samples
 
     def _request_partial(self) -> None:
         if self._closed or not self._segmenter.is_open or self._spec is not None:
