@@ -7,10 +7,11 @@ SIP leg arrives. One worker process (one core); legs fed as fast as the backlog 
 
     .venv/bin/python bench/sphinx_passes.py --legs 4
 
+Variants: one_pass (the default: tree search live, warm CMN), one_pass_full_search (live
+decoders also run the flat and best-path passes), two_pass (the engine before issue 16).
 The last line is `RESULT legs_per_core_one_pass=… legs_per_core_two_pass=… wer_one_pass=…
 wer_two_pass=… cold_partials_bad=…` (cold_partials_bad: partials of a leg's first utterance
-whose words are mostly not in its reference, with one pass; the old live pass sent them
-from the first 250 ms).
+with under half their words in the reference).
 """
 
 from __future__ import annotations
@@ -46,9 +47,17 @@ def phone_band(audio16: np.ndarray) -> np.ndarray:
     return np.concatenate([up.process(pcm8), up.flush()])
 
 
-async def run_engine(one_pass: bool, legs: int, audio: np.ndarray) -> tuple[float, list[list[Recognition]]]:
-    # two pass = the engine before issue 16: a second pass for every final, partials from cold CMN.
-    options = SphinxOptions(worker_nice=0, one_pass=one_pass, cold_warmup_s=1.0 if one_pass else None)
+VARIANTS = {
+    "one_pass": SphinxOptions(worker_nice=0),
+    "one_pass_full_search": SphinxOptions(worker_nice=0, live_full_search=True),
+    # The engine before issue 16: a second pass for every final, partials from a cold CMN.
+    "two_pass": SphinxOptions(worker_nice=0, one_pass=False, cold_warmup_s=None),
+}
+
+
+async def run_engine(
+    options: SphinxOptions, legs: int, audio: np.ndarray
+) -> tuple[float, list[list[Recognition]]]:
     engine = SphinxEngine(workers=1, max_backlog_s=3600, options=options)
     await engine.start()
     results: list[list[Recognition]] = [[] for _ in range(legs)]
@@ -92,22 +101,26 @@ async def main(legs: int) -> None:
     audio = phone_band(pcm)
     reference = " ".join(clip.reference for clip in clips * 2)
     out = {}
-    for one_pass in (True, False):
+    for name, options in VARIANTS.items():
         started = time.perf_counter()
-        per_core, results = await run_engine(one_pass, legs, audio)
+        per_core, results = await run_engine(options, legs, audio)
         bad, total = cold_partials_bad(results, reference)
-        out[one_pass] = (per_core, wer_of(results, reference), bad, total)
+        out[name] = (per_core, wer_of(results, reference), bad, total)
         finals = sum(isinstance(e, Final) for e in results[0])
+        first = [e.text for e in results[0] if isinstance(e, Partial) and e.utt == 0]
         print(
-            f"one_pass={one_pass}: {per_core:.2f} real-time legs per core (worker CPU), "
-            f"WER {out[one_pass][1]:.3f}, {finals} finals per leg, cold partials bad {bad}/{total}, "
-            f"wall {time.perf_counter() - started:.0f}s",
+            f"{name}: {per_core:.2f} real-time legs per core (worker CPU), WER {out[name][1]:.3f}, "
+            f"{finals} finals per leg, cold partials bad {bad}/{total}, "
+            f"wall {time.perf_counter() - started:.0f}s; "
+            f"leg 0's first partials: {first[:3]}",
             file=sys.stderr,
         )
+    one, full, two = out["one_pass"], out["one_pass_full_search"], out["two_pass"]
     print(
-        f"RESULT legs_per_core_one_pass={out[True][0]:.2f} legs_per_core_two_pass={out[False][0]:.2f} "
-        f"wer_one_pass={out[True][1]:.3f} wer_two_pass={out[False][1]:.3f} "
-        f"cold_partials_bad={out[True][2]}/{out[True][3]} (two pass: {out[False][2]}/{out[False][3]})"
+        f"RESULT legs_per_core_one_pass={one[0]:.2f} legs_per_core_two_pass={two[0]:.2f} "
+        f"wer_one_pass={one[1]:.3f} wer_two_pass={two[1]:.3f} "
+        f"cold_partials_bad={one[2]}/{one[3]} (two pass: {two[2]}/{two[3]}; one pass with full live "
+        f"search: {full[0]:.2f} legs/core, WER {full[1]:.3f})"
     )
 
 

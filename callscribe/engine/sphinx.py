@@ -95,6 +95,9 @@ class SphinxOptions:
     decoder_config: tuple[tuple[str, Any], ...] = (("maxhmmpf", 3000),)
     # Finals from the live decoder once the leg's CMN is warm (see the module docstring).
     one_pass: bool = True
+    # The live decoders' search: the tree pass only; True adds the flat and best-path passes
+    # at end_utt (which cost about as much as the tree pass again).
+    live_full_search: bool = False
     # Speech on a cold leg before partials start (the CMN is estimated from it); None: partials
     # from the first speech, with the model's wideband CMN init.
     cold_warmup_s: float | None = 1.0
@@ -147,13 +150,10 @@ class _Worker:
         self.legs: dict[int, _LegDecoding] = {}
 
     def _new_decoder(self, final: bool = False) -> Any:
-        # With one_pass, live decoders give warm finals, so they run every pass (the flat and
-        # best-path passes cost nothing until end_utt); otherwise they only produce partials
-        # and the first (tree) pass is enough.
-        live_only = not self.options.one_pass
-        config = (
-            {**self._config, "fwdflat": False, "bestpath": False} if live_only and not final else self._config
-        )
+        # Live decoders run the first (tree) pass; with live_full_search they also run the flat
+        # and best-path passes at end_utt, for their warm finals. The final decoder runs all.
+        full = final or (self.options.one_pass and self.options.live_full_search)
+        config = self._config if full else {**self._config, "fwdflat": False, "bestpath": False}
         if self.lm is None:
             return self._decoder_cls(**config)
         decoder = self._decoder_cls(**{**config, "lm": None})
