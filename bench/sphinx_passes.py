@@ -94,14 +94,15 @@ def cold_partials_bad(results: list[list[Recognition]], reference: str) -> tuple
     return bad, total
 
 
-async def main(legs: int) -> None:
+async def main(legs: int, variants: list[str]) -> None:
     clips = [load_clip(name) for name in CLIPS]
     pause = np.zeros(SAMPLE_RATE, dtype=np.int16)
     pcm = np.concatenate([part for clip in clips * 2 for part in (clip.pcm, pause)])
     audio = phone_band(pcm)
     reference = " ".join(clip.reference for clip in clips * 2)
     out = {}
-    for name, options in VARIANTS.items():
+    for name in variants:
+        options = VARIANTS[name]
         started = time.perf_counter()
         per_core, results = await run_engine(options, legs, audio)
         bad, total = cold_partials_bad(results, reference)
@@ -115,6 +116,8 @@ async def main(legs: int) -> None:
             f"leg 0's first partials: {first[:3]}",
             file=sys.stderr,
         )
+    if set(out) != set(VARIANTS):
+        return
     one, full, two = out["one_pass"], out["one_pass_full_search"], out["two_pass"]
     print(
         f"RESULT legs_per_core_one_pass={one[0]:.2f} legs_per_core_two_pass={two[0]:.2f} "
@@ -127,4 +130,6 @@ async def main(legs: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--legs", type=int, default=4)
-    asyncio.run(main(parser.parse_args().legs))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    args = parser.parse_args()
+    asyncio.run(main(args.legs, args.variants))

@@ -22,15 +22,16 @@ final. Partials are sent every `partial_interval_ms` of speech audio decoded (wh
 hypothesis is not empty); `stable`/`unstable` come from `split_stable`. An utterance longer
 than `max_utterance_s` is cut there (the final pass cost grows with its length).
 
-One pass once warm: each leg has a live decoder (all search passes, live CMN) whose partials
-are sent as it goes. The model's CMN init is a wideband mean, far from a phone channel's, so
-on a leg's first utterance (cold) the live partials would read nonsense: the live decoder is
-restarted after `cold_warmup_s` of speech with the mean of that audio (`_warm_up`: one batch
-decode of it), and partials start only then; that utterance's final still comes from one
-more decode of the whole utterance (`_final_pass`: batch CMN, all passes), which is what
-makes the phone band usable with this wideband model. Its batch mean then seeds the live
-decoder, so every later utterance of the leg (warm) is decoded once: its final is the live
-decoder's own result after `end_utt` (`one_pass=False` keeps the second pass for all).
+One pass once warm: each leg has a live decoder (tree search, or all passes with
+`live_full_search`; live CMN) whose partials are sent as it goes. The model's CMN init is a
+wideband mean, far from a phone channel's, so on a leg's first utterance (cold) the live
+partials would read nonsense: the live decoder is restarted after `cold_warmup_s` of speech
+with the mean of that audio (`_warm_up`: one batch decode of it), and partials start only
+then. From then on the leg is warm: its utterances are decoded once, the final being the
+live decoder's own result after `end_utt`, whose mean seeds the next utterance. Only a cold
+utterance shorter than `cold_warmup_s` gets its final from one more decode of the whole
+utterance (`_final_pass`: batch CMN, all passes) — the CMN a wideband model needs on the
+phone band (`one_pass=False`: that second pass for every final, as before).
 
 Backlog: each leg may have at most `max_backlog_s` of audio sent to its worker and not yet
 decoded. Audio beyond that is dropped (never queued without bound), the leg gets one
@@ -287,6 +288,8 @@ class _Worker:
         leg.decoder.start_utt()
         for chunk in leg.utt_audio:
             leg.decoder.process_raw(chunk)
+        # From its own mean on, this utterance is decoded as a warm one: no second pass.
+        leg.utt_warm = self.options.one_pass
 
     def _final_pass(self, speech: bytes) -> str:
         """Decode a whole utterance at once: CMN from the utterance itself (batch mode) and
