@@ -31,7 +31,8 @@ then. From then on the leg is warm: its utterances are decoded once, the final b
 live decoder's own result after `end_utt`, whose mean seeds the next utterance. Only a cold
 utterance shorter than `cold_warmup_s` gets its final from one more decode of the whole
 utterance (`_final_pass`: batch CMN, all passes) — the CMN a wideband model needs on the
-phone band (`one_pass=False`: that second pass for every final, as before).
+phone band (`cold_final_pass=True`: also for the utterance that warmed the leg up;
+`one_pass=False`: for every final, as before).
 
 Backlog: each leg may have at most `max_backlog_s` of audio sent to its worker and not yet
 decoded. Audio beyond that is dropped (never queued without bound), the leg gets one
@@ -99,6 +100,9 @@ class SphinxOptions:
     # The live decoders' search: the tree pass only; True adds the flat and best-path passes
     # at end_utt (which cost about as much as the tree pass again).
     live_full_search: bool = False
+    # A leg's first utterance keeps the second pass for its final even once warmed up mid-way
+    # (better WER on that utterance, fewer legs per core on short calls).
+    cold_final_pass: bool = False
     # Speech on a cold leg before partials start (the CMN is estimated from it); None: partials
     # from the first speech, with the model's wideband CMN init.
     cold_warmup_s: float | None = 1.0
@@ -289,7 +293,7 @@ class _Worker:
         for chunk in leg.utt_audio:
             leg.decoder.process_raw(chunk)
         # From its own mean on, this utterance is decoded as a warm one: no second pass.
-        leg.utt_warm = self.options.one_pass
+        leg.utt_warm = self.options.one_pass and not self.options.cold_final_pass
 
     def _final_pass(self, speech: bytes) -> str:
         """Decode a whole utterance at once: CMN from the utterance itself (batch mode) and
