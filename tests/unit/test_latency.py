@@ -18,7 +18,7 @@ from callscribe.engine.qwen3.backend import DecodeRequest
 from callscribe.engine.qwen3.prompt import build_prompt
 from callscribe.engine.qwen3.remote import RemoteBackend, wav_float32, wav_pcm16
 from callscribe.engine.qwen3.router import ReplicaRouter
-from callscribe.engine.qwen3.streaming import StreamingConfig
+from callscribe.engine.qwen3.streaming import FINAL_PRIORITY, StreamingConfig
 from callscribe.engine.segmenter import SegmenterConfig, UtteranceSegmenter
 from tests.unit.test_qwen3_streaming import (
     Collector,
@@ -125,8 +125,10 @@ async def test_first_partial_comes_after_the_short_first_chunk() -> None:
     out = Collector()
     stream = make_engine(backend, **LATENCY).open_stream("c", "a", out)
     await feed_frames(stream, np.concatenate([silence(0.5), tone(1.2)]))
-    partial_secs = [seconds_of(c.request) for c in backend.calls if c.request.kind == "partial"]
+    partials = [c for c in backend.calls if c.request.kind == "partial"]
+    partial_secs = [seconds_of(c.request) for c in partials]
     assert partial_secs and partial_secs[0] == pytest.approx(0.8, abs=0.02)
+    assert partials[0].priority == FINAL_PRIORITY  # the first words go with the finals
     assert out.partials and out.partials[0].end_ms - out.partials[0].start_ms == pytest.approx(800, abs=20)
     await stream.finish()
 

@@ -285,6 +285,7 @@ class _PartialJob:
     end_sample: int  # the audio this partial decodes ends here
     task: asyncio.Task[DecodeResult | None] | None = None
     started: bool = False
+    priority: int = PARTIAL_PRIORITY
 
 
 @dataclass
@@ -454,6 +455,9 @@ class Qwen3LegStream(LegStream):
             audio = audio[-window:]
         self._partial_audio += audio.size
         job = _PartialJob(f"{self._name}/u{utt}/p{next(self._ids)}", utt, prefix, start, end)
+        if chunk_index == 0 and self._config.first_chunk_sec is not None:
+            # An utterance's first words (the short first chunk) are as urgent as a final.
+            job.priority = FINAL_PRIORITY
         request = DecodeRequest(
             job.request_id,
             "partial",
@@ -483,7 +487,7 @@ class Qwen3LegStream(LegStream):
             job.started = True
 
         try:
-            result = await self._admission.backend.decode(request, PARTIAL_PRIORITY, started)
+            result = await self._admission.backend.decode(request, job.priority, started)
         except asyncio.CancelledError:
             raise
         except EngineRestarting as exc:
