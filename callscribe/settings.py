@@ -150,6 +150,9 @@ class Settings(BaseSettings):
     vllm_priority_scheduling: bool = Field(
         False, description="replicas run with --scheduling-policy priority: finals are sent with priority 0"
     )
+    partial_window_sec: float | None = Field(
+        4.0, gt=0, description="Qwen3 engines: a partial decodes at most this much of the utterance's end"
+    )
 
     # Transcripts (docs/contract.md): what is redacted before anything is published or spooled
     redact: list[str] = Field(

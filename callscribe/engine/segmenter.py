@@ -7,6 +7,12 @@ after `end_silence_ms` of non-speech (keeping `tail_ms` after the last speech fr
 is cut at the quietest point of its last `cut_search_sec` when it reaches `max_window_sec`
 (a monologue without pauses still gets finals, and no decode sees more than the window).
 Sample positions count from the leg's first sample.
+
+Speculative ends: once `speculate_silence_ms` of non-speech follows the last speech frame,
+`ending()` offers the utterance exactly as it will close if no speech comes before
+`end_silence_ms` (same audio, same bounds), so a recogniser can start decoding the final
+while the end is still being confirmed. Speech before the confirmation withdraws the offer
+(`ending_end_sample` goes back to None); the utterance then simply goes on.
 """
 
 from __future__ import annotations
@@ -48,8 +54,12 @@ class SegmenterConfig:
     pre_roll_ms: int = 300
     onset_frames: int = 3  # speech frames among the last `onset_window` that open an utterance
     onset_window: int = 5
-    end_silence_ms: int = 600
-    tail_ms: int = 200
+    # Confirmation of an utterance's end: a pause this long closes it. Shorter pauses inside a
+    # sentence do not; docs/latency.md has the trade-off (finals latency vs split sentences).
+    end_silence_ms: int = 240
+    tail_ms: int = 80
+    # Offer the ending utterance for a speculative decode after this much silence (None: never).
+    speculate_silence_ms: int | None = 80
     max_window_sec: float = 20.0
     cut_search_sec: float = 4.0
 
@@ -58,6 +68,12 @@ class SegmenterConfig:
             raise ValueError(f"onset_frames {self.onset_frames} must be within 1..onset_window")
         if self.tail_ms > self.end_silence_ms:
             raise ValueError(f"tail_ms {self.tail_ms} must not exceed end_silence_ms {self.end_silence_ms}")
+        spec = self.speculate_silence_ms
+        if spec is not None and not self.tail_ms <= spec < self.end_silence_ms:
+            raise ValueError(
+                f"speculate_silence_ms {spec} must be within tail_ms {self.tail_ms} and "
+                f"end_silence_ms {self.end_silence_ms} (below it)"
+            )
         if not 0 < self.cut_search_sec < self.max_window_sec:
             raise ValueError(
                 f"cut_search_sec {self.cut_search_sec} must be > 0 and below "
@@ -107,6 +123,23 @@ class UtteranceSegmenter:
         if not self._frames:
             return np.zeros(0, dtype=np.float32)
         return np.concatenate(self._frames)
+
+    @property
+    def ending_end_sample(self) -> int | None:
+        """Where the open utterance will end if it closes at the current pause: set once the
+        pause reaches `speculate_silence_ms`, None while speech goes on (cheap, no copy)."""
+        spec = self.config.speculate_silence_ms
+        if not self._frames or spec is None or self._silence_run * FRAME_MS < spec:
+            return None
+        return self._start_sample + self._keep_at_silence() * FRAME_SAMPLES
+
+    def ending(self) -> Utterance | None:
+        """The utterance `push` will return if the current pause reaches `end_silence_ms`
+        (identical audio and bounds), or None (see `ending_end_sample`)."""
+        if self.ending_end_sample is None:
+            return None
+        keep = self._keep_at_silence()
+        return Utterance(self._next_utt, np.concatenate(self._frames[:keep]), self._start_sample, "silence")
 
     def push(self, audio: Audio) -> list[Utterance]:
         """Add audio (any length); returns the utterances this audio closed, in order."""
@@ -159,8 +192,11 @@ class UtteranceSegmenter:
         self._idle.clear()
         self._idle_voiced.clear()
 
+    def _keep_at_silence(self) -> int:
+        return min(len(self._frames), self._last_speech + 1 + self.config.tail_ms // FRAME_MS)
+
     def _end_at_silence(self) -> Utterance:
-        keep = min(len(self._frames), self._last_speech + 1 + self.config.tail_ms // FRAME_MS)
+        keep = self._keep_at_silence()
         rest = self._frames[keep:]
         utterance = self._close(np.concatenate(self._frames[:keep]), "silence")
         # The silence after the tail is where the next onset's pre-roll comes from.

@@ -20,10 +20,19 @@ which `ratio` must agree to switch). Every utterance gets exactly one `Final`, a
 has no words (text ""): `utt` numbers stay dense and a consumer can pair partials with their
 final. Partials are sent every `partial_interval_ms` of speech audio decoded (when the
 hypothesis is not empty); `stable`/`unstable` come from `split_stable`. An utterance longer
-than `max_utterance_s` is cut there (the final pass cost grows with its length). Partials
-come from a live decoder per leg (first search pass only, live CMN); every final comes from
-one more decode of the whole utterance (`_final_pass`: batch CMN, all passes), which is what
-makes the phone band usable with this wideband model.
+than `max_utterance_s` is cut there (the final pass cost grows with its length).
+
+One pass once warm: each leg has a live decoder (tree search, or all passes with
+`live_full_search`; live CMN) whose partials are sent as it goes. The model's CMN init is a
+wideband mean, far from a phone channel's, so on a leg's first utterance (cold) the live
+partials would read nonsense: the live decoder is restarted after `cold_warmup_s` of speech
+with the mean of that audio (`_warm_up`: one batch decode of it), and partials start only
+then. From then on the leg is warm: its utterances are decoded once, the final being the
+live decoder's own result after `end_utt`, whose mean seeds the next utterance. Only a cold
+utterance shorter than `cold_warmup_s` gets its final from one more decode of the whole
+utterance (`_final_pass`: batch CMN, all passes) — the CMN a wideband model needs on the
+phone band (`cold_final_pass=True`: also for the utterance that warmed the leg up;
+`one_pass=False`: for every final, as before).
 
 Backlog: each leg may have at most `max_backlog_s` of audio sent to its worker and not yet
 decoded. Audio beyond that is dropped (never queued without bound), the leg gets one
@@ -96,6 +105,17 @@ class SphinxOptions:
     # each pass; 3,000 halves that with the same words on the test clips (WER 0.386 either way),
     # which is what lets one leg (live pass + final pass) run in real time on one core.
     decoder_config: tuple[tuple[str, Any], ...] = (("maxhmmpf", 3000),)
+    # Finals from the live decoder once the leg's CMN is warm (see the module docstring).
+    one_pass: bool = True
+    # The live decoders' search: the tree pass only; True adds the flat and best-path passes
+    # at end_utt (which cost about as much as the tree pass again).
+    live_full_search: bool = False
+    # A leg's first utterance keeps the second pass for its final even once warmed up mid-way
+    # (better WER on that utterance, fewer legs per core on short calls).
+    cold_final_pass: bool = False
+    # Speech on a cold leg before partials start (the CMN is estimated from it); None: partials
+    # from the first speech, with the model's wideband CMN init.
+    cold_warmup_s: float | None = 1.0
 
 
 # ---------------------------------------------------------------- worker process side
@@ -115,6 +135,8 @@ class _LegDecoding:
     since_partial: int = 0
     pending: bytes = b""  # less than one endpointer frame
     utt_audio: list[bytes] = field(default_factory=list)  # the open utterance, for its final pass
+    warm_cmn: str | None = None  # this channel's cepstral mean, once one utterance was decoded
+    utt_warm: bool = False  # the open utterance started with warm_cmn: one pass is enough
 
 
 class _Worker:
@@ -146,9 +168,10 @@ class _Worker:
         self.live_decoders = 0  # held by legs
 
     def _new_decoder(self, final: bool = False) -> Any:
-        # Live decoders only produce partials: the first (tree) pass is enough for them; the
-        # final decoder adds the flat and best-path passes.
-        config = self._config if final else {**self._config, "fwdflat": False, "bestpath": False}
+        # Live decoders run the first (tree) pass; with live_full_search they also run the flat
+        # and best-path passes at end_utt, for their warm finals. The final decoder runs all.
+        full = final or (self.options.one_pass and self.options.live_full_search)
+        config = self._config if full else {**self._config, "fwdflat": False, "bestpath": False}
         if self.lm is None:
             return self._decoder_cls(**config)
         decoder = self._decoder_cls(**{**config, "lm": None})
@@ -254,7 +277,11 @@ class _Worker:
             leg.decoder = self.idle.pop() if self.idle else self._new_decoder()
             self.live_decoders += 1
         if leg.decoder is not None:
+            if leg.warm_cmn is not None:
+                leg.decoder.set_cmn(leg.warm_cmn)
             leg.decoder.start_utt()
+        # A leg without a live decoder (over max_live_decoders) gets its finals from the final pass.
+        leg.utt_warm = self.options.one_pass and leg.warm_cmn is not None and leg.decoder is not None
         leg.in_utt = True
         leg.utt_start_samples = start_samples
         leg.utt_decoded = 0
@@ -274,10 +301,14 @@ class _Worker:
             samples = len(chunk) // _BYTES_PER_SAMPLE
             leg.utt_decoded += samples
             leg.since_partial += samples
-            if (
-                leg.decoder is not None
-                and leg.since_partial * 1000 >= self.options.partial_interval_ms * SAMPLE_RATE
-            ):
+            warmup = self.options.cold_warmup_s
+            cold = leg.warm_cmn is None and warmup is not None
+            if leg.decoder is not None and cold and leg.utt_decoded >= (warmup or 0.0) * SAMPLE_RATE:
+                self._warm_up(leg)
+                cold = False
+            if leg.decoder is None or cold:
+                leg.since_partial = 0  # finals only, or cold CMN: no partials (they would read nonsense)
+            elif leg.since_partial * 1000 >= self.options.partial_interval_ms * SAMPLE_RATE:
                 leg.since_partial = 0
                 hyp = leg.decoder.hyp()
                 if hyp is not None and hyp.hypstr:
@@ -288,29 +319,57 @@ class _Worker:
                 self._end_utt(key, leg)
                 self._start_utt(leg, start)
 
-    def _final_pass(self, speech: bytes) -> tuple[str, list[TimedWord]]:
+    def _warm_up(self, leg: _LegDecoding) -> None:
+        """Estimate the channel's cepstral mean from the speech so far (one batch decode of
+        it) and decode that speech again live from it: the partials start sane."""
+        assert leg.decoder is not None
+        leg.warm_cmn = str(self._final_pass(b"".join(leg.utt_audio)).get_cmn())
+        leg.decoder.end_utt()
+        leg.decoder.set_cmn(leg.warm_cmn)
+        leg.decoder.start_utt()
+        for chunk in leg.utt_audio:
+            leg.decoder.process_raw(chunk)
+        # From its own mean on, this utterance is decoded as a warm one: no second pass.
+        leg.utt_warm = self.options.one_pass and not self.options.cold_final_pass
+
+    def _final_pass(self, speech: bytes) -> Any:
         """Decode a whole utterance at once: CMN from the utterance itself (batch mode) and
         all search passes. Live CMN starts from a wideband mean and adapts slowly, so on the
-        phone band (8 kHz) the streaming hypothesis is far worse: measured on the test clips
-        sent as μ-law, corpus WER 0.52 streaming vs 0.36 with this pass."""
+        phone band (8 kHz) the streaming hypothesis is far worse (docs/measured.md). Returns
+        the decoder that holds the result."""
         decoder = self.final_decoder
         decoder.start_utt()
         decoder.process_raw(speech, full_utt=True)
         decoder.end_utt()
-        hyp = decoder.hyp()
-        if hyp is None:
-            return "", []
-        return hyp.hypstr, segment_words(decoder.seg(), int(decoder.config["frate"]))
+        return decoder
 
     def _end_utt(self, key: int, leg: _LegDecoding) -> None:
         if leg.decoder is not None:
             leg.decoder.end_utt()
         speech, leg.utt_audio = b"".join(leg.utt_audio), []
-        text, words = self._final_pass(speech) if speech else ("", [])
+        # The decoder whose result is the final (its hyp, and its seg() for word timings).
+        decoder = None
+        if leg.utt_warm and leg.decoder is not None:
+            decoder = leg.decoder  # one pass: the live decoder's own result
+        elif speech:
+            decoder = self._final_pass(speech)
+        text, words = _result(decoder)
+        if decoder is not None:
+            # The channel's mean (batch over this utterance, or live and adapted): the next
+            # utterance of the leg starts from it.
+            leg.warm_cmn = str(decoder.get_cmn())
         start = leg.utt_start_samples
         self.outbox.put(("final", key, leg.utt, text, start, start + leg.utt_decoded, words))
         leg.utt += 1
         leg.in_utt = False
+
+
+def _result(decoder: Any) -> tuple[str, list[TimedWord]]:
+    """A finished utterance's text and timed words (none when there was no decoder)."""
+    hyp = decoder.hyp() if decoder is not None else None
+    if hyp is None:
+        return "", []
+    return hyp.hypstr, segment_words(decoder.seg(), int(decoder.config["frate"]))
 
 
 def segment_words(segments: Any, frame_rate: int) -> list[TimedWord]:

@@ -10,6 +10,7 @@ import pytest
 
 from callscribe.calls import CallRegistry, Leg
 from callscribe.engine.base import SAMPLE_RATE, EngineError, Final, Partial
+from callscribe.engine.segmenter import SegmenterConfig
 from callscribe.events import EventType, TranscriptEvent
 from callscribe.leg_events import LatencyTracker, LegEvents
 from callscribe.metrics import Metrics
@@ -86,8 +87,12 @@ async def test_utterances_become_numbered_partials_and_finals_then_the_leg_and_c
     ]
     assert all(e.engine == "scripted" for e in sink.events)
     assert finals[0].latency_ms is not None and finals[0].latency_ms >= 0
-    # The tone runs 500-1500 ms; the segmenter keeps its 300 ms pre-roll and 200 ms tail.
-    assert (finals[0].start_ms, finals[0].end_ms) == (pytest.approx(260, abs=20), pytest.approx(1700, abs=20))
+    # The tone runs 500-1500 ms; the segmenter keeps its 300 ms pre-roll and its tail.
+    end_ms = 1500 + SegmenterConfig().tail_ms
+    assert (finals[0].start_ms, finals[0].end_ms) == (
+        pytest.approx(260, abs=20),
+        pytest.approx(end_ms, abs=20),
+    )
     dtmf = legs[4]
     assert (dtmf.text, dtmf.end_ms, dtmf.start_ms) == ("5", at_dtmf, at_dtmf - 120)
     ended = legs[-1]

@@ -140,8 +140,17 @@ def count_words(request: DecodeRequest) -> str:
     return continuation(request, "language English<asr_text>" + " ".join(f"w{i}" for i in range(n)))
 
 
+# The pre-issue-16 cadence (600 ms end of utterance, no speculation, chunk-sized first
+# partial, whole-utterance partials): the tests below that count partials and seconds were
+# written for it; the latency features have their own tests, which override these.
+CLASSIC_SEGMENTER = SegmenterConfig(
+    max_window_sec=20.0, end_silence_ms=600, tail_ms=200, speculate_silence_ms=None
+)
+CLASSIC = {"first_chunk_sec": None, "partial_window_sec": None, "partial_passes": None}
+
+
 def make_engine(backend: ScriptedBackend, **overrides: object) -> Qwen3Engine:
-    params: dict[str, object] = {"segmenter": SegmenterConfig(max_window_sec=20.0)}
+    params: dict[str, object] = {"segmenter": CLASSIC_SEGMENTER, **CLASSIC}
     params.update(overrides)
     budget = int(params.pop("partial_budget", 16))  # type: ignore[call-overload]
     max_legs = int(params.pop("max_legs", 16))  # type: ignore[call-overload]

@@ -37,14 +37,16 @@ def test_utterance_bounds_include_pre_roll_and_tail() -> None:
     first, second = utterances
     # Onset is confirmed after 3 speech frames; pre-roll reaches 300 ms before that frame.
     assert first.start_ms == pytest.approx(1000 - 300 + 60, abs=20)
-    assert first.end_ms == pytest.approx(3000 + 200, abs=20)  # tail_ms after the last speech frame
+    tail = SegmenterConfig().tail_ms
+    assert first.end_ms == pytest.approx(3000 + tail, abs=20)  # tail_ms after the last speech frame
     assert second.start_ms == pytest.approx(4500 - 300 + 60, abs=20)
     assert (first.utt, second.utt) == (0, 1)
     assert first.audio.size == first.end_sample - first.start_sample
 
 
 def test_short_pause_does_not_split() -> None:
-    utterances = segment(np.concatenate([tone(1.0), silence(0.4), tone(1.0), silence(1.0)]))
+    pause = (SegmenterConfig().end_silence_ms - 40) / 1000  # just below the end of an utterance
+    utterances = segment(np.concatenate([tone(1.0), silence(pause), tone(1.0), silence(1.0)]))
     assert len(utterances) == 1
 
 

@@ -232,7 +232,8 @@ class LocalQwen3Engine(Qwen3Engine):
     def from_settings(cls, settings: Settings) -> LocalQwen3Engine:
         if not settings.model:
             raise EngineUnavailable("engine vllm needs a model: --model PATH (or CALLSCRIBE_MODEL)")
-        return cls(settings.model, dict(settings.vllm_args), StreamingConfig(language=settings.language))
+        config = StreamingConfig(language=settings.language, partial_window_sec=settings.partial_window_sec)
+        return cls(settings.model, dict(settings.vllm_args), config)
 
     @property
     def ready(self) -> bool:

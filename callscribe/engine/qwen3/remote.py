@@ -3,8 +3,10 @@
 The algorithm (segmentation, prefix rollback, bounded windows, supersede, finals first) is
 streaming.py's, unchanged; this module is its decode backend over HTTP. Each decode is one
 streamed `POST /v1/chat/completions` carrying callscribe's own prompt as chat messages: the
-context as the system turn, the utterance as an `input_audio` part (float32 WAV, so the
-server sees the very samples the in-process engine would), and the rollback prefix as a
+context as the system turn, the utterance as an `input_audio` part (a 16-bit PCM WAV: the
+leg's audio came from 16-bit or 8-bit G.711 samples, so int16 carries it to within one
+step of the float32 the in-process engine sees, at half the bytes; `wire_format="float32"`
+sends the exact samples), and the rollback prefix as a
 final assistant message continued with `continue_final_message` — the chat template renders
 exactly the prompt `build_prompt` writes. `/v1/audio/transcriptions` would not do: it builds
 its own prompt and cannot continue a prefix. Superseding a partial closes its HTTP stream;
@@ -29,7 +31,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import numpy as np
@@ -83,6 +85,19 @@ def chat_messages(prompt: str, audio_url_part: dict[str, Any]) -> list[dict[str,
     messages.append({"role": "user", "content": [audio_url_part]})
     messages.append({"role": "assistant", "content": assistant})
     return messages
+
+
+WireFormat = Literal["pcm16", "float32"]
+
+
+def wav_pcm16(audio: Audio, rate: int = SAMPLE_RATE) -> bytes:
+    """A mono 16-bit PCM WAV (clipped to [-1, 1], rounded to the nearest step): 2 bytes a
+    sample, what telephone audio held before it was widened to float32."""
+    pcm = np.round(np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0) * 32767.0).astype("<i2")
+    data = pcm.tobytes()
+    header = b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVE"
+    fmt = b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
+    return header + fmt + b"data" + struct.pack("<I", len(data)) + data
 
 
 def wav_float32(audio: Audio, rate: int = SAMPLE_RATE) -> bytes:
@@ -213,8 +228,12 @@ class RemoteBackend:
         request_timeout: float = 30.0,
         priority_scheduling: bool = False,
         max_attempts: int | None = None,
+        wire_format: WireFormat = "pcm16",
     ) -> None:
         self.router = router
+        self.wire_format = wire_format
+        self.body_bytes = 0  # request bodies sent (JSON), for the payload measurements
+        self.body_audio_samples = 0
         self.model = model
         self._tokenizer = tokenizer
         self._audio_token_id = tokenizer.token_id(AUDIO_TOKEN)
@@ -256,6 +275,7 @@ class RemoteBackend:
         rid = request.request_id
         leg = leg_of(rid)
         body = self._body(request, priority)
+        self.body_audio_samples += request.audio.size
         last_error = "none"
         attempt = 0
         try:
@@ -329,7 +349,8 @@ class RemoteBackend:
                 await asyncio.wait_for(self._replica_up.wait(), min(remaining, 0.5))
 
     def _body(self, request: DecodeRequest, priority: int) -> dict[str, Any]:
-        audio = base64.b64encode(wav_float32(request.audio)).decode("ascii")
+        wav = wav_pcm16(request.audio) if self.wire_format == "pcm16" else wav_float32(request.audio)
+        audio = base64.b64encode(wav).decode("ascii")
         part = {"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}}
         body: dict[str, Any] = {
             "model": self.model,
@@ -357,7 +378,12 @@ class RemoteBackend:
         started = False
         try:
             async with asyncio.timeout(self._timeout):
-                async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                content = json.dumps(body, separators=(",", ":")).encode()
+                self.body_bytes += len(content)
+                headers = {"content-type": "application/json"}
+                async with client.stream(
+                    "POST", "/v1/chat/completions", content=content, headers=headers
+                ) as response:
                     if response.status_code != 200:
                         detail = (await response.aread()).decode("utf-8", "replace")[:300]
                         if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
@@ -454,7 +480,7 @@ class RemoteQwen3Engine(Qwen3Engine):
         return cls(
             list(settings.vllm_urls),
             settings.model,
-            StreamingConfig(language=settings.language),
+            StreamingConfig(language=settings.language, partial_window_sec=settings.partial_window_sec),
             request_timeout=settings.vllm_request_timeout_sec,
             health_interval=settings.vllm_health_interval_sec,
             priority_scheduling=settings.vllm_priority_scheduling,

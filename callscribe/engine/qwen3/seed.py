@@ -122,6 +122,11 @@ class Qwen3ASRModel:
             unfixed_token_num=int(unfixed_token_num),
             chunk_size_sec=float(chunk_size_sec),
             segmenter=self._engine.config.segmenter,
+            # The seed decodes every chunk_size_sec, and streaming_transcribe returns once each
+            # chunk is decoded: no short first chunk, no partial deferred by the pass budget.
+            first_chunk_sec=None,
+            partial_passes=None,
+            partial_window_sec=self._engine.config.partial_window_sec,
             partial_max_tokens=self._engine.config.partial_max_tokens,
             final_max_tokens=self._engine.config.final_max_tokens,
         )

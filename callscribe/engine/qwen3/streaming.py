@@ -1,9 +1,18 @@
 """The streaming algorithm for Qwen3-ASR, independent of how decodes reach the model.
 
-Per leg (`Qwen3LegStream`): VAD segments the leg into utterances; every `chunk_size_sec` of
-the open utterance one partial decodes that utterance's audio only, continuing after the
-seed's rollback prefix; when the utterance ends, one decode of the whole utterance gives its
-final. Shared by all legs (`DecodeAdmission`): finals are submitted at once with the higher
+Per leg (`Qwen3LegStream`): VAD segments the leg into utterances; the first partial comes
+after `first_chunk_sec` of the open utterance, then one every `chunk_size_sec`; a partial
+decodes at most the last `partial_window_sec` of the utterance's audio, continuing after the
+seed's rollback prefix (the committed text stands for the audio before the window), and
+partials together decode at most `partial_passes` times the utterance's audio (a partial
+waits until it fits). When the utterance ends, one decode of the whole utterance gives its
+final. Speculative finals: once the segmenter sees `speculate_silence_ms` of pause, that
+final's decode starts; when the pause reaches `end_silence_ms` the utterance closes with the
+very same audio and the speculative result is published (it was already running, so the
+final comes a decode's time after the pause began, not after the confirmation); speech
+before that aborts the speculative decode and the utterance goes on — it still gets exactly
+one final, over all of its audio. docs/latency.md has the design and its figures.
+Shared by all legs (`DecodeAdmission`): finals are submitted at once with the higher
 priority; partials are admitted within a budget of requests in flight, so under load the
 partial cadence stretches instead of the queue growing; legs beyond `max_legs` are refused.
 
@@ -71,6 +80,19 @@ class StreamingConfig:
     unfixed_chunk_num: int = 2
     unfixed_token_num: int = 5
     chunk_size_sec: float = 2.0
+    # The first partial of an utterance after this much of it (pre-roll included), so the
+    # first words show within ~0.5 s of the onset; None: after chunk_size_sec like the rest.
+    first_chunk_sec: float | None = 0.6
+    # A partial decodes at most this much audio: the utterance's end; None: all of it.
+    partial_window_sec: float | None = 4.0
+    # All partials of an utterance together decode at most this many times its audio so far;
+    # with its one final that bounds an utterance to 1 + partial_passes passes. None: no bound.
+    partial_passes: float | None = 1.5
+    # Speculative finals aborted by resumed speech waste a pass of the utterance so far each;
+    # another speculation starts only while that waste is at most this many passes of the
+    # utterance (the first always does). None: no bound. The waste also counts against
+    # partial_passes, so partials + aborted speculations stay within ~partial_passes.
+    speculation_passes: float | None = 0.5
     partial_max_tokens: int = 32
     final_max_tokens: int = 256
     # Qwen3-ASR writes ~3-5 tokens per second of speech; 10/s leaves room for dense speech
@@ -89,6 +111,30 @@ class StreamingConfig:
             )
         if self.partial_max_tokens < 1 or self.final_max_tokens < 1:
             raise ValueError("partial_max_tokens and final_max_tokens must be >= 1")
+        for name in ("first_chunk_sec", "partial_window_sec", "partial_passes", "speculation_passes"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0 or None, got {value}")
+
+    @property
+    def first_chunk_samples(self) -> int:
+        if self.first_chunk_sec is None:
+            return self.chunk_samples
+        return max(1, round(self.first_chunk_sec * SAMPLE_RATE))
+
+    def chunk_boundaries(self, open_samples: int) -> int:
+        """Partial boundaries an utterance of `open_samples` has crossed: the first chunk,
+        then every chunk_size_sec after it."""
+        first = self.first_chunk_samples
+        if open_samples < first:
+            return 0
+        return 1 + (open_samples - first) // self.chunk_samples
+
+    @property
+    def window_samples(self) -> int | None:
+        if self.partial_window_sec is None:
+            return None
+        return max(1, round(self.partial_window_sec * SAMPLE_RATE))
 
     @property
     def chunk_samples(self) -> int:
@@ -137,6 +183,12 @@ class DecodeStats:
     partials_superseded: int = 0  # aborted: a newer chunk or the utterance's final replaced them
     partials_deferred: int = 0  # chunk boundaries that waited for the partial budget
     finals_completed: int = 0
+    final_audio_tokens: int = 0  # audio tokens of the finals alone: one pass over each utterance
+    partials_over_budget: int = 0  # chunk boundaries that waited for the partial_passes budget
+    speculative_started: int = 0
+    speculative_used: int = 0  # published as the utterance's final
+    speculative_aborted: int = 0  # speech resumed (or the utterance closed otherwise)
+    speculative_skipped: int = 0  # pauses not speculated on: speculation_passes spent
     decode_errors: int = 0
     prompt_tokens: int = 0
     audio_tokens: int = 0
@@ -206,7 +258,9 @@ class DecodeAdmission:
         blocked_by_final = not self.backend.priority_scheduling and self._finals_in_flight > 0
         return self._partials_in_flight < self.partial_budget and not blocked_by_final
 
-    async def decode_final(self, request: DecodeRequest) -> DecodeResult:
+    async def decode_final(self, request: DecodeRequest, speculative: bool = False) -> DecodeResult:
+        """A final's decode (finals priority); a speculative one is counted as a final only
+        when it completes (an aborted one is cost, recorded, but no final)."""
         self._finals_in_flight += 1
         try:
             result = await self.backend.decode(request, FINAL_PRIORITY)
@@ -214,8 +268,12 @@ class DecodeAdmission:
             self._finals_in_flight -= 1
             if not self.backend.priority_scheduling:
                 self._wake_one()
-        self.stats.finals_completed += 1
         self.stats.record(request, result)
+        if not result.aborted:
+            self.stats.finals_completed += 1
+            self.stats.final_audio_tokens += result.audio_tokens
+        elif not speculative:
+            self.stats.finals_completed += 1
         return result
 
 
@@ -228,6 +286,16 @@ class _PartialJob:
     end_sample: int  # the audio this partial decodes ends here
     task: asyncio.Task[DecodeResult | None] | None = None
     started: bool = False
+    priority: int = PARTIAL_PRIORITY
+
+
+@dataclass
+class _Speculation:
+    """A final decoding before its utterance's end is confirmed."""
+
+    utterance: Utterance
+    request: DecodeRequest
+    task: asyncio.Task[DecodeResult | None]
 
 
 class Qwen3LegStream(LegStream):
@@ -258,8 +326,14 @@ class Qwen3LegStream(LegStream):
         self._partial: _PartialJob | None = None
         self._pending = False  # a chunk boundary waits for the partial in flight or a slot
         self._held: Partial | None = None  # a partial that must wait for the previous final
+        self._due = False  # a chunk boundary was crossed and its partial is not requested yet
+        self._partial_audio = 0  # samples decoded by this utterance's partials (the budget)
+        self._spec: _Speculation | None = None
+        self._spec_waste = 0  # samples decoded by this utterance's aborted speculations
+        self._spec_skipped_at: int | None = None
+        self._background: set[asyncio.Task[DecodeResult | None]] = set()
         # Finals, in order.
-        self._finals: asyncio.Queue[Utterance | None] = asyncio.Queue()
+        self._finals: asyncio.Queue[tuple[Utterance, _Speculation | None] | None] = asyncio.Queue()
         self._final_worker: asyncio.Task[None] | None = None
         self._finals_outstanding = 0
         self._previous_final = ""
@@ -287,6 +361,7 @@ class Qwen3LegStream(LegStream):
             return
         for utterance in self._segmenter.push(audio):
             self._close_utterance(utterance)
+        self._speculate()
         self._on_audio()
 
     async def finish(self) -> None:
@@ -301,6 +376,7 @@ class Qwen3LegStream(LegStream):
             return
         for utterance in self._segmenter.flush():
             self._close_utterance(utterance)
+        self._drop_speculation()
         self._cancel_partial()
         try:
             await self._drain()
@@ -323,10 +399,17 @@ class Qwen3LegStream(LegStream):
     def _on_audio(self) -> None:
         if not self._segmenter.is_open:
             return
-        boundaries = self._segmenter.open_samples // self._config.chunk_samples
-        if boundaries <= self._chunks_seen:
+        boundaries = self._config.chunk_boundaries(self._segmenter.open_samples)
+        if boundaries > self._chunks_seen:
+            self._chunks_seen = boundaries
+            if not self._due and not self._fits_budget():
+                self._admission.stats.partials_over_budget += 1
+            self._due = True
+        # No partial while the utterance's final is being decoded speculatively: if speech
+        # resumes, the speculation ends and the boundary's partial follows.
+        if not self._due or self._spec is not None or not self._fits_budget():
             return
-        self._chunks_seen = boundaries
+        self._due = False
         job = self._partial
         if job is not None:
             if job.started:
@@ -337,8 +420,21 @@ class Qwen3LegStream(LegStream):
             self._abort_partial(job)
         self._request_partial()
 
+    def _partial_samples(self) -> int:
+        window = self._config.window_samples
+        open_samples = self._segmenter.open_samples
+        return open_samples if window is None else min(open_samples, window)
+
+    def _fits_budget(self) -> bool:
+        passes = self._config.partial_passes
+        if passes is None:
+            return True
+        # Aborted speculative finals spend from the same budget: partials wait for them too.
+        spent = self._partial_audio + self._spec_waste
+        return spent + self._partial_samples() <= passes * self._segmenter.open_samples
+
     def _request_partial(self) -> None:
-        if self._closed or not self._segmenter.is_open:
+        if self._closed or not self._segmenter.is_open or self._spec is not None:
             self._pending = False
             return
         if not self._admission.try_admit_partial(self._wake):
@@ -352,17 +448,36 @@ class Qwen3LegStream(LegStream):
         utt = self._segmenter.open_utt
         audio = self._segmenter.open_audio()
         start = self._segmenter.open_start_sample
-        job = _PartialJob(f"{self._name}/u{utt}/p{next(self._ids)}", utt, prefix, start, start + audio.size)
+        end = start + audio.size
+        window = self._config.window_samples
+        if window is not None and audio.size > window:
+            # The committed prefix stands for the audio before the window (bounded cost per
+            # partial); the partial's text still covers the utterance from its start.
+            audio = audio[-window:]
+        self._partial_audio += audio.size
+        job = _PartialJob(f"{self._name}/u{utt}/p{next(self._ids)}", utt, prefix, start, end)
+        if chunk_index == 0 and self._config.first_chunk_sec is not None:
+            # An utterance's first words (the short first chunk) are as urgent as a final.
+            job.priority = FINAL_PRIORITY
         request = DecodeRequest(
             job.request_id,
             "partial",
             build_prompt(self._context(), self._language, prefix),
             audio,
-            self._config.partial_max_tokens,
+            self._partial_tokens(prefix, end - start),
         )
         self._partial = job
         self._admission.stats.partials_submitted += 1
         job.task = asyncio.get_running_loop().create_task(self._run_partial(job, request))
+
+    def _partial_tokens(self, prefix: str, utterance_samples: int) -> int:
+        """The partial's output cap: the whole hypothesis (prefix + output) no longer than the
+        utterance so far can hold (the finals' rule), so a short first chunk is a short decode
+        and the prefix grows with the speech, not by the cap every chunk; at least
+        `unfixed_token_num` (the rolled-back tail is written again), at most partial_max_tokens."""
+        prefix_tokens = len(self._admission.backend.tokenizer.encode(prefix)) if prefix else 0
+        room = self._config.final_tokens(utterance_samples) - prefix_tokens
+        return max(1, min(self._config.partial_max_tokens, max(self._config.unfixed_token_num, room)))
 
     def _wake(self) -> None:
         if self._pending and self._partial is None:
@@ -373,7 +488,7 @@ class Qwen3LegStream(LegStream):
             job.started = True
 
         try:
-            result = await self._admission.backend.decode(request, PARTIAL_PRIORITY, started)
+            result = await self._admission.backend.decode(request, job.priority, started)
         except asyncio.CancelledError:
             raise
         except EngineRestarting as exc:
@@ -429,25 +544,98 @@ class Qwen3LegStream(LegStream):
 
     # -- finals -----------------------------------------------------------------------------
 
+    def _speculate(self) -> None:
+        """Start the final's decode at the first pause long enough; abort it when speech
+        resumes (or the pause ends the utterance at other bounds)."""
+        end = self._segmenter.ending_end_sample
+        spec = self._spec
+        if spec is not None:
+            if end == spec.utterance.end_sample and self._segmenter.open_utt == spec.utterance.utt:
+                return
+            self._drop_speculation()
+        if end is None or self._closed:
+            return
+        bound = self._config.speculation_passes
+        if bound is not None and self._spec_waste > bound * self._segmenter.open_samples:
+            if self._spec_skipped_at != end:
+                self._spec_skipped_at = end
+                self._admission.stats.speculative_skipped += 1
+            return
+        utterance = self._segmenter.ending()
+        if utterance is None:
+            return
+        request = self._final_request(utterance, f"s{next(self._ids)}")
+        self._cancel_partial()  # this utterance's final is on its way; its partial is moot
+        self._admission.stats.speculative_started += 1
+        task = asyncio.get_running_loop().create_task(self._run_speculation(request, utterance.utt))
+        # Held here too: a dropped speculation's task runs on until its abort lands.
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        self._spec = _Speculation(utterance, request, task)
+
+    async def _run_speculation(self, request: DecodeRequest, utt: int) -> DecodeResult | None:
+        """None when it failed or was aborted: the final is then decoded the usual way."""
+        try:
+            result = await self._admission.decode_final(request, speculative=True)
+        except asyncio.CancelledError:
+            raise
+        except EngineRestarting as exc:
+            self._admission.stats.decode_errors += 1
+            self._report_restart(exc, utt)
+            return None
+        except Exception as exc:
+            self._admission.stats.decode_errors += 1
+            log.warning("speculative final %s failed: %s", request.request_id, exc)
+            return None
+        return None if result.aborted else result
+
+    def _drop_speculation(self) -> None:
+        spec, self._spec = self._spec, None
+        if spec is None:
+            return
+        self._admission.stats.speculative_aborted += 1
+        self._spec_waste += spec.utterance.audio.size
+        asyncio.get_running_loop().create_task(self._admission.backend.abort(spec.request.request_id))
+
+    def _take_speculation(self, utterance: Utterance) -> _Speculation | None:
+        """The speculation for exactly this utterance (same number and bounds), if any."""
+        spec = self._spec
+        if spec is None:
+            return None
+        ours = spec.utterance
+        if (ours.utt, ours.start_sample, ours.end_sample) != (
+            utterance.utt,
+            utterance.start_sample,
+            utterance.end_sample,
+        ):
+            self._drop_speculation()
+            return None
+        self._spec = None
+        return spec
+
     def _close_utterance(self, utterance: Utterance) -> None:
+        spec = self._take_speculation(utterance)
         self._cancel_partial()
         self._chunks_seen = 0
+        self._due = False
+        self._partial_audio = 0
+        self._spec_waste = 0
         self._raw = self._committed = ""
         self._held = None
         self._finals_outstanding += 1
-        self._finals.put_nowait(utterance)
+        self._finals.put_nowait((utterance, spec))
         if self._final_worker is None:
             self._final_worker = asyncio.get_running_loop().create_task(self._run_finals())
 
     async def _run_finals(self) -> None:
         while True:
-            utterance = await self._finals.get()
+            item = await self._finals.get()
             try:
-                if utterance is None:
+                if item is None:
                     return
-                await self._final(utterance)
+                await self._final(*item)
             finally:
-                if utterance is not None:
+                if item is not None:
                     self._finals_outstanding -= 1
                 self._finals.task_done()
             if not self._finals_outstanding and self._held is not None:
@@ -455,17 +643,33 @@ class Qwen3LegStream(LegStream):
                 if held.utt == self._segmenter.open_utt and self._segmenter.is_open:
                     self._emit(held)
 
-    async def _final(self, utterance: Utterance) -> None:
-        request = DecodeRequest(
-            f"{self._name}/u{utterance.utt}/final",
+    def _final_request(self, utterance: Utterance, tag: str = "final") -> DecodeRequest:
+        return DecodeRequest(
+            f"{self._name}/u{utterance.utt}/{tag}",
             "final",
             build_prompt(self._context(), self._language),
             utterance.audio,
             self._config.final_tokens(utterance.audio.size),
         )
+
+    async def _speculative_result(self, spec: _Speculation, request: DecodeRequest) -> DecodeResult | None:
+        """The speculation's result when it decoded what this final would (the context may
+        have changed since: the previous final was still being decoded when it started)."""
+        if spec.request.prompt != request.prompt:
+            self._admission.stats.speculative_aborted += 1
+            await self._admission.backend.abort(spec.request.request_id)
+            return None
+        result = await spec.task
+        if result is not None:
+            self._admission.stats.speculative_used += 1
+        return result
+
+    async def _final(self, utterance: Utterance, spec: _Speculation | None = None) -> None:
+        request = self._final_request(utterance)
+        speculated = await self._speculative_result(spec, request) if spec is not None else None
         try:
             try:
-                result = await self._admission.decode_final(request)
+                result = speculated or await self._admission.decode_final(request)
             except EngineRestarting as exc:
                 self._admission.stats.decode_errors += 1
                 self._report_restart(exc, utterance.utt)
