@@ -88,10 +88,10 @@ async def test_utterances_become_numbered_partials_and_finals_then_the_leg_and_c
     assert all(e.engine == "scripted" for e in sink.events)
     assert finals[0].latency_ms is not None and finals[0].latency_ms >= 0
     # The tone runs 500-1500 ms; the segmenter keeps its 300 ms pre-roll and its tail.
-    end_ms = 1500 + SegmenterConfig().tail_ms
+    end = 1500 + SegmenterConfig().tail_ms
     assert (finals[0].start_ms, finals[0].end_ms) == (
         pytest.approx(260, abs=20),
-        pytest.approx(end_ms, abs=20),
+        pytest.approx(end, abs=20),
     )
     dtmf = legs[4]
     assert (dtmf.text, dtmf.end_ms, dtmf.start_ms) == ("5", at_dtmf, at_dtmf - 120)
