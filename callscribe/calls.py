@@ -42,6 +42,9 @@ class Call:
     legs: dict[str, Leg] = field(default_factory=dict)
     seq: int = 0
     started: float = field(default_factory=time.time)
+    # The sender (source host) that opened the call's first leg: only it may add legs, so
+    # nobody else can take a leg name inside its call or inject audio into it (issue 17).
+    owner: str | None = None
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -184,7 +187,11 @@ class CallRegistry:
         self.legs: dict[str, Leg] = {}
         self.accepting = True
 
-    def open_leg(self, call_id: str, leg: str, meta: dict[str, Any] | None = None) -> Leg:
+    def open_leg(
+        self, call_id: str, leg: str, meta: dict[str, Any] | None = None, owner: str | None = None
+    ) -> Leg:
+        """`owner`: who opens it (the ingest's source host). A call opened with an owner
+        accepts legs from that owner only; LegConflict for anyone else, as for a duplicate."""
         if not call_id or not leg:
             raise ValueError(f"call_id and leg must be non-empty, got {call_id!r}/{leg!r}")
         if not self.accepting:
@@ -195,9 +202,12 @@ class CallRegistry:
             raise AtCapacity(f"at capacity: {len(self.legs)} legs open (max_legs={self.max_legs})")
         call = self.calls.get(call_id)
         if call is None:
-            call = Call(call_id, dict(meta or {}))
+            call = Call(call_id, dict(meta or {}), owner=owner)
             self.calls[call_id] = call
             self._publish_call(call, EventType.CALL_STARTED, meta=call.meta)
+        elif call.owner is not None and owner != call.owner:
+            self._metrics.legs_refused.labels(reason="foreign_call").inc()
+            raise LegConflict(f"call {call_id!r} is open from another sender; it cannot add leg {leg!r}")
         elif leg in call.legs:
             raise LegConflict(f"leg {leg!r} of call {call_id!r} is already open")
         opened = Leg(call, leg, self._engine, self._sink, self._metrics, dict(meta or {}), self._leg_closed)

@@ -44,6 +44,7 @@ class DropReason(StrEnum):
     LEG_CONFLICT = "leg_conflict"  # a leg of that name is already open in the call
     REFUSED = "refused"  # a connection refused before its leg opened (AudioSocket)
     PROTOCOL_ERROR = "protocol_error"  # a stream closed for breaking its protocol
+    START_TIMEOUT = "start_timeout"  # a fork websocket sent no start message within its deadline
     # RTP
     TRUNCATED = "truncated"  # shorter than its header (or, SIP, its Content-Length)
     BAD_VERSION = "bad_version"

@@ -119,7 +119,12 @@ class WhipIngest:
         await asyncio.gather(*(self.end(sid, EndReason.SHUTDOWN) for sid in list(self.sessions)))
 
     async def publish(
-        self, offer_sdp: str, call_id: str, requested_legs: list[str], meta: dict[str, Any]
+        self,
+        offer_sdp: str,
+        call_id: str,
+        requested_legs: list[str],
+        meta: dict[str, Any],
+        owner: str | None = None,
     ) -> tuple[WhipSession, str]:
         """Accept an SDP offer: open one leg per audio track; returns the session and the SDP answer."""
         if "m=audio" not in offer_sdp:
@@ -138,7 +143,9 @@ class WhipIngest:
             raise WhipError(400, "the SDP offer sends no audio (every m=audio is recvonly or inactive)")
         try:
             for name in leg_names(requested_legs, len(tracks)):
-                session.legs.append(self._registry.open_leg(call_id, name, {**meta, "transport": TRANSPORT}))
+                session.legs.append(
+                    self._registry.open_leg(call_id, name, {**meta, "transport": TRANSPORT}, owner=owner)
+                )
             for transceiver in pc.getTransceivers():
                 if transceiver.kind != "audio":
                     # Answered inactive: the sender keeps its video to itself instead of making

@@ -23,6 +23,7 @@ from callscribe.calls import AtCapacity, CallRegistry, LegConflict
 from callscribe.codecs.base import CodecError
 from callscribe.metrics import Metrics
 from callscribe.security import AccessPolicy, bearer_authorized
+from callscribe.web.bodies import BodyError, read_body
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,9 @@ def refusal(request: Request, policy: AccessPolicy, token: SecretStr | None, rea
 
 
 async def read_json_object(request: Request, max_bytes: int = 65536) -> dict[str, Any]:
-    """The request body as a JSON object; ValueError with a reason a client can act on."""
-    body = await request.body()
-    if len(body) > max_bytes:
-        raise ValueError(f"body of {len(body)} bytes exceeds {max_bytes}")
+    """The request body as a JSON object; ValueError with a reason a client can act on,
+    BodyError (413/408) for a body too large or too slow (refused while it is read)."""
+    body = await read_body(request, max_bytes)
     try:
         data = json.loads(body or b"null")
     except json.JSONDecodeError as exc:
@@ -104,7 +104,10 @@ def leg_routes(
                 raise ValueError("leg and codec must be non-empty strings")
             if not isinstance(meta, dict):
                 raise ValueError("meta must be a JSON object")
-            reserved = await ports.reserve(call_id, leg, codec, meta)
+            owner = request.client.host if request.client else None
+            reserved = await ports.reserve(call_id, leg, codec, meta, owner=owner)
+        except BodyError as exc:
+            return error(exc.status, str(exc))
         except (ValueError, CodecError) as exc:
             return error(400, str(exc))
         except LegConflict as exc:

@@ -96,6 +96,7 @@ class SipSession:
     dialog_id: str | None = None
     our_offer: SessionDescription | None = None
     leg: str = PLAIN_CALL_LEG
+    owner: str | None = None  # the INVITE's source host: the call's legs belong to it
 
 
 class SipCallHandler:
@@ -208,7 +209,7 @@ class SipCallHandler:
             return  # CANCEL arrived before we started
         self._admit(event)
         request = event.request
-        session = SipSession(call_id=request.call_id, siprec=False, meta={})
+        session = SipSession(call_id=request.call_id, siprec=False, meta={}, owner=event.peer.host)
         session.call_id, session.leg = self._chosen_names(request)
         self._setting_up[event.txn_id] = session
         try:
@@ -327,11 +328,15 @@ class SipCallHandler:
                         choice.codec,
                         meta,
                         payload_types=dict(choice.payload_types),
+                        owner=session.owner,
                     )
                 except AtCapacity as exc:
                     raise self._full(exc) from None
                 except LegConflict as exc:
                     raise Rejected(488, f"Not Acceptable Here ({exc})"[:160]) from None
+                except ValueError as exc:  # a call id or leg name the registry refuses
+                    self.metrics.drop(TRANSPORT, DropReason.BAD_BODY)
+                    raise Rejected(400, f"Bad Request ({exc})"[:160]) from None
             if index < len(session.streams):
                 session.streams[index] = state
             else:
@@ -368,7 +373,7 @@ class SipCallHandler:
         meta = dict(session.meta, codec="pcmu", m_line=0)
         try:
             reserved = await self.rtp.reserve(
-                session.call_id, session.leg, "pcmu", meta, payload_types=payload_types
+                session.call_id, session.leg, "pcmu", meta, payload_types=payload_types, owner=session.owner
             )
         except AtCapacity as exc:
             raise self._full(exc) from None
