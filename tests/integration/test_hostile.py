@@ -207,8 +207,10 @@ async def test_bad_content_length_over_udp_gets_400(make_service: ServiceFactory
     async with make_service(sip_enabled=True, sip_port=0) as svc:
         assert svc.sip is not None
         datagram = (
-            "OPTIONS sip:transcribe@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5999;branch=z9hG4bKcl1\r\n"
-            f"From: <sip:pbx@127.0.0.1>;tag=1\r\nTo: <sip:transcribe@127.0.0.1>\r\nCall-ID: cl-{uuid.uuid4()}\r\n"
+            "OPTIONS sip:transcribe@127.0.0.1 SIP/2.0\r\n"
+            "Via: SIP/2.0/UDP 127.0.0.1:5999;branch=z9hG4bKcl1\r\n"
+            "From: <sip:pbx@127.0.0.1>;tag=1\r\nTo: <sip:transcribe@127.0.0.1>\r\n"
+            f"Call-ID: cl-{uuid.uuid4()}\r\n"
             f"CSeq: 1 OPTIONS\r\nContent-Length: {length}\r\n\r\nv=0\r\n"
         ).encode()
         response = await sip_exchange(svc.sip.port, datagram)  # None (silence) before the fix

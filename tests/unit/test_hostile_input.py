@@ -11,8 +11,8 @@ from callscribe.bridge.events import Dropped, DropReason
 from callscribe.bridge.limits import LegConflict
 from callscribe.bridge.sip.auth import AuthVerdict, DigestAuthenticator, parse_authorization
 from callscribe.bridge.sip.message import Peer, SipRequest, SipResponse, parse_message
+from callscribe.bridge.sip.sdp import SdpError, parse_sdp
 from callscribe.bridge.sip.siprec import Participant, leg_name, parse_siprec_body, recorded_streams
-from callscribe.bridge.sip.sdp import parse_sdp
 from callscribe.bridge.sip.uas import UasCore
 from callscribe.calls import CallRegistry
 from callscribe.metrics import Metrics
@@ -204,14 +204,8 @@ def test_non_ascii_digits_in_cseq_or_via_port_get_400(cseq: str, port: str) -> N
     assert wire.startswith(b"SIP/2.0 400 ")
 
 
-@pytest.mark.parametrize(
-    "media", ["m=audio ² RTP/AVP 0", "m=audio 4000/² RTP/AVP 0", "m=audio 4000 RTP/AVP ٣"]
-)
+@pytest.mark.parametrize("media", ["m=audio ² RTP/AVP 0", "m=audio 4000/² RTP/AVP 0"])
 def test_non_ascii_digits_in_sdp_are_an_sdp_error(media: str) -> None:
-    from callscribe.bridge.sip.sdp import SdpError
-
     text = f"v=0\r\no=- 1 1 IN IP4 192.0.2.1\r\ns=-\r\nc=IN IP4 192.0.2.1\r\nt=0 0\r\n{media}\r\n"
-    try:
+    with pytest.raises(SdpError):  # a bare ValueError before (an INVITE got 500), now a 400
         parse_sdp(text.encode())
-    except SdpError:
-        pass  # refused with the SDP's own error (an INVITE gets 400), never a bare ValueError

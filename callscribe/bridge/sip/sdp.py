@@ -18,10 +18,10 @@ MAX_MEDIA = 16
 TELEPHONE_EVENT = "telephone-event"
 
 
-
 def _digits(text: str) -> bool:
     """ASCII digits only: str.isdigit() is true for "²" or "٣", which int() then refuses."""
     return text.isascii() and text.isdigit()
+
 
 class SdpError(ValueError):
     """An SDP body that cannot be parsed or answered."""
