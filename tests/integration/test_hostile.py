@@ -145,18 +145,23 @@ def sip_settings() -> dict[str, object]:
     return {"sip_enabled": True, "sip_port": 0, "sip_auth_user": "pbx", "sip_auth_password": SIP_PASSWORD}
 
 
-async def test_sip_digest_with_non_ascii_nonce_gets_401(make_service: ServiceFactory) -> None:
+async def test_sip_digest_with_non_ascii_nonce_or_response_gets_401(make_service: ServiceFactory) -> None:
     async with make_service(**sip_settings()) as svc:
         assert svc.sip is not None
         uac = SipUac(svc.sip.port)
         try:
-            for nonce in ("é", "1000.0123456789abcdef:" + "é" * 32, "ü" * 200):
+            challenge = await uac.invite()
+            assert challenge.status == 401
+            issued = parse_authorization(challenge.headers.get("www-authenticate") or "")["nonce"]
+            # A nonce whose part before ':' is digits reached compare_digest with the rest;
+            # a nonce we issued reached it with the response. Both were a 500, every time.
+            for nonce, response in ((f"{int(time.time())}:{'é' * 32}", "0" * 32), (issued, "ä" * 32)):
                 authorization = (
                     f'Digest username="pbx", realm="callscribe", nonce="{nonce}", '
-                    f'uri="sip:transcribe@127.0.0.1", response="{"ä" * 32}", algorithm=MD5'
+                    f'uri="sip:transcribe@127.0.0.1", response="{response}", algorithm=MD5'
                 )
-                response = await uac.invite(authorization)  # 500 before the fix, every time
-                assert response.status == 401, response.reason
+                answer = await uac.invite(authorization)
+                assert answer.status == 401, answer.reason
         finally:
             uac.sock.close()
 

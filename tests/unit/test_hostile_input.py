@@ -73,6 +73,9 @@ def fresh_nonce(auth: DigestAuthenticator, now: float) -> str:
 def test_non_ascii_nonce_or_response_is_denied_not_a_type_error(authorization: str) -> None:
     auth = DigestAuthenticator("callscribe", "pbx", "s3cret")
     assert auth.check(invite(authorization), 1000.0) is AuthVerdict.DENIED
+    # A nonce we issued (any 401 hands one out) with a non-ASCII response: TypeError before.
+    issued = fresh_nonce(auth, 1000.0)
+    assert auth.check(invite(credentials(issued, response="ä" * 32)), 1000.0) is AuthVerdict.DENIED
 
 
 # -- finding 4: the same Authorization header started a second call -------------------------
