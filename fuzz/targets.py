@@ -20,7 +20,6 @@ from callscribe.bridge.rtp.packet import RtpError, RtpPacket, is_rtcp
 from callscribe.bridge.rtp.receiver import RtpLegReceiver
 from callscribe.bridge.sip.auth import AuthVerdict, DigestAuthenticator
 from callscribe.bridge.sip.message import (
-    Headers,
     Peer,
     SipParseError,
     SipRequest,
@@ -156,15 +155,23 @@ def siprec_body(data: bytes) -> None:
 
 def sip_digest(data: bytes) -> None:
     """An Authorization header value as a hostile UAC writes it, alone and after a valid nonce
-    (to reach the response and nc checks): always a verdict, never an exception (a non-ASCII
-    nonce was a TypeError, a 500 on every INVITE); the nonce table stays bounded."""
+    (to reach the response and nc checks), in an INVITE that went through `parse_message`
+    (what the server hands the authenticator): always a verdict, never an exception (a
+    non-ASCII nonce was a TypeError, a 500 on every INVITE); the nonce table stays bounded."""
     auth = DigestAuthenticator("callscribe", "pbx", "s3cret", secret=b"k" * 32, max_nonces=4)
-    text = data.decode("utf-8", "surrogateescape")
-    nonce = auth.nonce(1000.0)
-    for value in (text, f'Digest username="pbx", realm="callscribe", nonce="{nonce}", {text}'):
-        headers = Headers()
-        headers.add("Authorization", value)
-        request = SipRequest(headers, b"", method="INVITE", uri="sip:transcribe@192.0.2.10")
+    nonce = auth.nonce(1000.0).encode()
+    for value in (data, b'Digest username="pbx", realm="callscribe", nonce="' + nonce + b'", ' + data):
+        wire = (
+            b"INVITE sip:transcribe@192.0.2.10 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.5;branch=z9hG4bKf\r\n"
+            b"From: <sip:pbx@10.0.0.5>;tag=1\r\nTo: <sip:transcribe@192.0.2.10>\r\nCall-ID: f\r\n"
+            b"CSeq: 1 INVITE\r\nAuthorization: " + value + b"\r\nContent-Length: 0\r\n\r\n"
+        )
+        try:
+            request = parse_message(wire)
+        except SipParseError:
+            continue
+        if not isinstance(request, SipRequest):
+            continue
         for now in (1000.5, 1001.0):
             assert isinstance(auth.check(request, now), AuthVerdict)
     assert auth.nonces_tracked <= 4
