@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     )
     http_keep_alive_sec: int = Field(5, ge=1, description="idle keep-alive connections are closed after this")
     http_max_connections: int = Field(
-        1000, ge=16, description="open HTTP connections and tasks; beyond, new requests get 503"
+        2048, ge=16, description="open HTTP connections (websockets too) and tasks; beyond, requests get 503"
     )
     http_max_header_bytes: int = Field(
         16_384, ge=4096, description="request line + headers larger than this get 400"
