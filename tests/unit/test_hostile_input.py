@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import hashlib
+import json
 
 import pytest
 
 from callscribe.bridge.events import Dropped, DropReason
+from callscribe.bridge.forks import DIALECTS
+from callscribe.bridge.forks.endpoint import ForkSession
 from callscribe.bridge.limits import LegConflict
 from callscribe.bridge.sip.auth import AuthVerdict, DigestAuthenticator, parse_authorization
 from callscribe.bridge.sip.message import Peer, SipRequest, SipResponse, parse_message
@@ -212,3 +217,73 @@ def test_non_ascii_digits_in_sdp_are_an_sdp_error(media: str) -> None:
     text = f"v=0\r\no=- 1 1 IN IP4 192.0.2.1\r\ns=-\r\nc=IN IP4 192.0.2.1\r\nt=0 0\r\n{media}\r\n"
     with pytest.raises(SdpError):  # a bare ValueError before (an INVITE got 500), now a 400
         parse_sdp(text.encode())
+
+
+# -- findings 3 and 7 at the fork session: empty callSid, no start message ------------------
+
+
+class ScriptedSocket:
+    """A ForkConnection that delivers `messages`, then waits until `hang_up` is set."""
+
+    def __init__(self, messages: list[str]) -> None:
+        self.messages = list(messages)
+        self.hang_up = asyncio.Event()
+        self.closed: tuple[int, str] | None = None
+
+    async def receive(self) -> str | bytes | None:
+        if self.messages:
+            return self.messages.pop(0)
+        await self.hang_up.wait()
+        return None
+
+    async def send_text(self, text: str) -> None:
+        pass
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+
+
+def twilio(call_sid: str) -> list[str]:
+    start = {"callSid": call_sid, "streamSid": "MZ1", "tracks": ["inbound"]}
+    media = {"track": "inbound", "payload": base64.b64encode(b"\xff" * 160).decode()}
+    return [json.dumps({"event": "start", "start": start}), json.dumps({"event": "media", "media": media})]
+
+
+def fork_session(start_timeout: float | None = None) -> tuple[ForkSession, CallRegistry, Metrics]:
+    metrics = Metrics()
+    registry = CallRegistry(ScriptedEngine(("hello",)), ListSink(), metrics)
+    session = ForkSession(
+        DIALECTS["twilio"](),
+        registry,
+        metrics,
+        max_frame_bytes=65536,
+        peer="10.0.0.5",
+        start_timeout=start_timeout,
+    )
+    return session, registry, metrics
+
+
+async def test_empty_call_sid_closes_the_fork_with_1003_and_a_counted_drop() -> None:
+    session, registry, metrics = fork_session()
+    socket = ScriptedSocket(twilio(""))
+    await asyncio.wait_for(session.run(socket), 5)  # raised ValueError out of the app before
+    assert socket.closed is not None and socket.closed[0] == 1003 and "empty call id" in socket.closed[1]
+    assert metrics.dropped("ws-twilio", "protocol_error") == 1
+    assert not registry.calls
+
+
+async def test_a_fork_without_start_is_closed_at_its_deadline_and_a_started_one_is_not() -> None:
+    silent, _, metrics = fork_session(start_timeout=0.1)
+    socket = ScriptedSocket([])
+    await asyncio.wait_for(silent.run(socket), 5)
+    assert socket.closed is not None and socket.closed[0] == 1008
+    assert metrics.dropped("ws-twilio", "start_timeout") == 1
+
+    started, registry, metrics = fork_session(start_timeout=0.1)
+    socket = ScriptedSocket(twilio("call-7"))
+    running = asyncio.create_task(started.run(socket))
+    await asyncio.sleep(0.3)  # well past the deadline
+    assert not running.done() and "call-7" in registry.calls
+    socket.hang_up.set()
+    await asyncio.wait_for(running, 5)
+    assert metrics.dropped("ws-twilio", "start_timeout") == 0
