@@ -115,7 +115,10 @@ async def test_a_second_sender_cannot_take_or_inject_a_leg_in_another_senders_ca
 
 
 async def test_fork_without_start_is_closed_and_frees_its_sources_slot(make_service: ServiceFactory) -> None:
-    async with make_service(fork_start_timeout_sec=1.0, fork_max_connections_per_source=3) as svc:
+    # The HTTP header deadline is shorter still: an upgraded websocket must not be cut by it.
+    async with make_service(
+        fork_start_timeout_sec=1.0, fork_max_connections_per_source=3, http_header_timeout_sec=0.5
+    ) as svc:
         silent = [await connect(fork_url(svc, "twilio")) for _ in range(3)]
         began = time.monotonic()
         codes = await asyncio.gather(*(closed_with(ws, 10) for ws in silent))
@@ -126,8 +129,8 @@ async def test_fork_without_start_is_closed_and_frees_its_sources_slot(make_serv
         async with connect(fork_url(svc, "twilio")) as real:
             await real.send(twilio_start(f"real-{uuid.uuid4().hex[:8]}"))
             await real.send(twilio_media())
-            await asyncio.sleep(1.5)  # past the start deadline: a started stream stays open
-            await real.ping()
+            await asyncio.sleep(1.5)  # past both deadlines: a started stream stays open
+            await asyncio.wait_for(await real.ping(), 5)
 
 
 async def test_fork_sender_without_token_is_not_held_open(make_service: ServiceFactory) -> None:
