@@ -46,6 +46,9 @@ class Call:
     started: float = field(default_factory=time.time)
     # Applied to every event of the call before the sink and any listener sees it.
     redact: Callable[[TranscriptEvent], TranscriptEvent] = field(default=lambda event: event)
+    # The sender (source host) that opened the call's first leg: only it may add legs, so
+    # nobody else can take a leg name inside its call or inject audio into it (issue 17).
+    owner: str | None = None
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -201,7 +204,11 @@ class CallRegistry:
         self.legs: dict[str, Leg] = {}
         self.accepting = True
 
-    def open_leg(self, call_id: str, leg: str, meta: dict[str, Any] | None = None) -> Leg:
+    def open_leg(
+        self, call_id: str, leg: str, meta: dict[str, Any] | None = None, owner: str | None = None
+    ) -> Leg:
+        """`owner`: who opens it (the ingest's source host). A call opened with an owner
+        accepts legs from that owner only; LegConflict for anyone else, as for a duplicate."""
         # Every ingest ends here, so the id rule holds whatever the entry point checked.
         check_id(IdKind.CALL_ID, call_id)
         check_id(IdKind.LEG, leg)
@@ -213,11 +220,14 @@ class CallRegistry:
             raise AtCapacity(f"at capacity: {len(self.legs)} legs open (max_legs={self.max_legs})")
         call = self.calls.get(call_id)
         if call is None:
-            call = Call(call_id, dict(meta or {}))
+            call = Call(call_id, dict(meta or {}), owner=owner)
             if self._redactor is not None:
                 call.redact = self._redactor
             self.calls[call_id] = call
             self._publish_call(call, EventType.CALL_STARTED, meta=call.meta)
+        elif call.owner is not None and owner != call.owner:
+            self._metrics.legs_refused.labels(reason="foreign_call").inc()
+            raise LegConflict(f"call {call_id!r} is open from another sender; it cannot add leg {leg!r}")
         elif leg in call.legs:
             raise LegConflict(f"leg {leg!r} of call {call_id!r} is already open")
         opened = Leg(call, leg, self._engine, self._sink, self._metrics, dict(meta or {}), self._leg_closed)

@@ -33,6 +33,7 @@ from callscribe.settings import Settings, redact_url
 from callscribe.web.app import create_app, health_routes, leg_routes
 from callscribe.web.dashboard import Dashboard, dashboard_routes
 from callscribe.web.forks import fork_routes
+from callscribe.web.http_limits import http_limits
 from callscribe.web.supervisor import supervisor_routes
 from callscribe.web.whip import whip_routes
 
@@ -108,6 +109,7 @@ class Service:
                 self.policy,
                 max_connections_per_source=settings.fork_max_connections_per_source,
                 max_frame_bytes=settings.fork_max_frame_bytes,
+                start_timeout_sec=settings.fork_start_timeout_sec,
             ),
             cors_origins=settings.cors_origins,
         )
@@ -121,6 +123,7 @@ class Service:
                 # Dashboard event streams and fork websockets are long-lived: don't wait on them
                 # at shutdown (the legs were drained before the HTTP server is asked to stop).
                 timeout_graceful_shutdown=5,
+                **http_limits(settings),
             )
         )
         self._http_task: asyncio.Task[Any] | None = None

@@ -69,6 +69,17 @@ class Settings(BaseSettings):
     # HTTP (health, legs API, metrics, websocket forks)
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    # Hostile-client limits of the HTTP server (docs/hostile-input.md explains each choice).
+    http_header_timeout_sec: float = Field(
+        10.0, gt=0, description="a request whose headers are not complete after this long is closed (408)"
+    )
+    http_keep_alive_sec: int = Field(5, ge=1, description="idle keep-alive connections are closed after this")
+    http_max_connections: int = Field(
+        2048, ge=16, description="open HTTP connections (websockets too) and tasks; beyond, requests get 503"
+    )
+    http_max_header_bytes: int = Field(
+        16_384, ge=4096, description="request line + headers larger than this get 400"
+    )
 
     # WebRTC (WHIP) ingest and the live dashboard
     sse_max_sec: float = Field(
@@ -106,6 +117,9 @@ class Settings(BaseSettings):
     )
     fork_max_frame_bytes: int = Field(
         262_144, ge=1024, description="larger websocket messages (AudioSocket frames) are dropped"
+    )
+    fork_start_timeout_sec: float = Field(
+        5.0, gt=0, description="a fork websocket without its start message after this long is closed (1008)"
     )
 
     # Security (callscribe.security.AccessPolicy): who may send media or control the bridge.

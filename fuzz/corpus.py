@@ -104,6 +104,13 @@ def seeds() -> dict[str, list[bytes]]:
             for name, messages in fork_streams.items()
             if name in names
         ],
+        # What follows the nonce in a UAC's header (RFC 2617 §3.5), and whole headers.
+        "sip_digest": [
+            b'uri="sip:transcribe@192.0.2.10", response="6629fae49393a05397450978507c4ef1", '
+            b'algorithm=MD5, qop=auth, nc=00000001, cnonce="0a4f113b"',
+            b'Digest username="pbx", realm="callscribe", nonce="\xc3\xa9", uri="sip:x", response="\xc3\xa4"',
+            b'uri="sip:transcribe@192.0.2.10", response="0", nc=ffffffff, qop=auth',
+        ],
     }
 
 

@@ -18,7 +18,14 @@ from callscribe.bridge.forks.events import ForkProtocolError
 from callscribe.bridge.rtp.jitter import JitterBuffer
 from callscribe.bridge.rtp.packet import RtpError, RtpPacket, is_rtcp
 from callscribe.bridge.rtp.receiver import RtpLegReceiver
-from callscribe.bridge.sip.message import Peer, SipParseError, StreamFramer, parse_message
+from callscribe.bridge.sip.auth import AuthVerdict, DigestAuthenticator
+from callscribe.bridge.sip.message import (
+    Peer,
+    SipParseError,
+    SipRequest,
+    StreamFramer,
+    parse_message,
+)
 from callscribe.bridge.sip.sdp import SdpError, parse_sdp, select_media
 from callscribe.bridge.sip.siprec import SiprecError, parse_rs_metadata, parse_siprec_body, recorded_streams
 from callscribe.bridge.sip.uas import UasCore
@@ -141,7 +148,33 @@ def siprec_body(data: bytes) -> None:
     except (SiprecError, SdpError):
         return
     with contextlib.suppress(SdpError):
-        recorded_streams(parse_sdp(offer.sdp), offer.metadata)
+        names = [stream.leg for stream in recorded_streams(parse_sdp(offer.sdp), offer.metadata)]
+        # Every m-line gets a leg name, unique in the session (a blank AOR once named a leg "").
+        assert all(names) and len(set(names)) == len(names), names
+
+
+def sip_digest(data: bytes) -> None:
+    """An Authorization header value as a hostile UAC writes it, alone and after a valid nonce
+    (to reach the response and nc checks), in an INVITE that went through `parse_message`
+    (what the server hands the authenticator): always a verdict, never an exception (a
+    non-ASCII nonce was a TypeError, a 500 on every INVITE); the nonce table stays bounded."""
+    auth = DigestAuthenticator("callscribe", "pbx", "s3cret", secret=b"k" * 32, max_nonces=4)
+    nonce = auth.nonce(1000.0).encode()
+    for value in (data, b'Digest username="pbx", realm="callscribe", nonce="' + nonce + b'", ' + data):
+        wire = (
+            b"INVITE sip:transcribe@192.0.2.10 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.5;branch=z9hG4bKf\r\n"
+            b"From: <sip:pbx@10.0.0.5>;tag=1\r\nTo: <sip:transcribe@192.0.2.10>\r\nCall-ID: f\r\n"
+            b"CSeq: 1 INVITE\r\nAuthorization: " + value + b"\r\nContent-Length: 0\r\n\r\n"
+        )
+        try:
+            request = parse_message(wire)
+        except SipParseError:
+            continue
+        if not isinstance(request, SipRequest):
+            continue
+        for now in (1000.5, 1001.0):
+            assert isinstance(auth.check(request, now), AuthVerdict)
+    assert auth.nonces_tracked <= 4
 
 
 def _fork_messages(data: bytes) -> tuple[str, list[str | bytes]]:
@@ -184,4 +217,5 @@ TARGETS: dict[str, Target] = {
     "siprec_metadata": siprec_metadata,
     "siprec_body": siprec_body,
     "websocket_fork": websocket_fork,
+    "sip_digest": sip_digest,
 }

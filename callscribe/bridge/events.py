@@ -46,6 +46,7 @@ class DropReason(StrEnum):
     REFUSED = "refused"  # a connection refused before its leg opened (AudioSocket)
     INVALID_ID = "invalid_id"  # a call id or leg name outside the id rule (callscribe.ids)
     PROTOCOL_ERROR = "protocol_error"  # a stream closed for breaking its protocol
+    START_TIMEOUT = "start_timeout"  # a fork websocket sent no start message within its deadline
     # RTP
     TRUNCATED = "truncated"  # shorter than its header (or, SIP, its Content-Length)
     BAD_VERSION = "bad_version"

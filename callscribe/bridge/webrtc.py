@@ -126,6 +126,7 @@ class WhipIngest:
         requested_legs: list[str],
         meta: dict[str, Any],
         loopback_client: bool = False,
+        owner: str | None = None,
     ) -> tuple[WhipSession, str]:
         """Accept an SDP offer: open one leg per audio track; returns the session and the SDP answer.
         `loopback_client`: the client is on this machine, so 127.0.0.1 is offered too."""
@@ -145,7 +146,9 @@ class WhipIngest:
             raise WhipError(400, "the SDP offer sends no audio (every m=audio is recvonly or inactive)")
         try:
             for name in leg_names(requested_legs, len(tracks)):
-                session.legs.append(self._registry.open_leg(call_id, name, {**meta, "transport": TRANSPORT}))
+                session.legs.append(
+                    self._registry.open_leg(call_id, name, {**meta, "transport": TRANSPORT}, owner=owner)
+                )
             for transceiver in pc.getTransceivers():
                 if transceiver.kind != "audio":
                     # Answered inactive: the sender keeps its video to itself instead of making

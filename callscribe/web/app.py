@@ -28,6 +28,7 @@ from callscribe.ingest_options import OPTIONS
 from callscribe.metrics import Metrics
 from callscribe.redact import parse_redactions
 from callscribe.security import AccessPolicy, bearer_authorized
+from callscribe.web.bodies import BodyError, read_body
 from callscribe.web.cors import WhipCors
 
 log = logging.getLogger(__name__)
@@ -62,10 +63,9 @@ def refusal(request: Request, policy: AccessPolicy, token: SecretStr | None, rea
 
 
 async def read_json_object(request: Request, max_bytes: int = 65536) -> dict[str, Any]:
-    """The request body as a JSON object; ValueError with a reason a client can act on."""
-    body = await request.body()
-    if len(body) > max_bytes:
-        raise ValueError(f"body of {len(body)} bytes exceeds {max_bytes}")
+    """The request body as a JSON object; ValueError with a reason a client can act on,
+    BodyError (413/408) for a body too large or too slow (refused while it is read)."""
+    body = await read_body(request, max_bytes)
     try:
         data = json.loads(body or b"null")
     except json.JSONDecodeError as exc:
@@ -130,7 +130,10 @@ def leg_routes(
             meta.update({name: body[name] for name in OPTIONS if name in body})
             if "redact" in meta:
                 parse_redactions(meta["redact"])  # a bad value is the caller's 400, not a silent default
-            reserved = await ports.reserve(call_id, leg, codec, meta)
+            owner = request.client.host if request.client else None
+            reserved = await ports.reserve(call_id, leg, codec, meta, owner=owner)
+        except BodyError as exc:
+            return error(exc.status, str(exc))
         except LegConflict as exc:
             return error(409, str(exc))
         except (ValueError, CodecError) as exc:

@@ -59,6 +59,7 @@ def fork_routes(
     policy: AccessPolicy,
     max_connections_per_source: int,
     max_frame_bytes: int,
+    start_timeout_sec: float | None = None,
 ) -> list[BaseRoute]:
     limit = SourceLimit(max_connections_per_source)
 
@@ -110,6 +111,7 @@ def fork_routes(
                     max_frame_bytes=max_frame_bytes,
                     peer=source,
                     policy=policy if admission.verdict is Verdict.TOKEN_IN_START else None,
+                    start_timeout=start_timeout_sec,
                 )
                 await session.run(StarletteForkConnection(websocket))
             finally:

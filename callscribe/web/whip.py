@@ -26,6 +26,7 @@ from callscribe.ingest_options import OPTIONS
 from callscribe.redact import parse_redactions
 from callscribe.security import AccessPolicy
 from callscribe.web.app import WaitFlushed, error, refusal
+from callscribe.web.bodies import BodyError, read_body
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +67,20 @@ def whip_routes(
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type != "application/sdp":
             return error(415, f"content type {content_type or 'none'!r} is not application/sdp")
-        body = await request.body()
-        if len(body) > MAX_OFFER_BYTES:
-            return error(413, f"SDP offer of {len(body)} bytes exceeds {MAX_OFFER_BYTES}")
+        try:
+            body = await read_body(request, MAX_OFFER_BYTES)
+        except BodyError as exc:
+            return error(exc.status, f"SDP offer: {exc}")
         try:
             call_id, legs, meta = session_params(request)
             client = request.client.host if request.client else None
             session, answer = await ingest.publish(
-                body.decode("utf-8", "replace"), call_id, legs, meta, loopback_client=is_loopback(client)
+                body.decode("utf-8", "replace"),
+                call_id,
+                legs,
+                meta,
+                loopback_client=is_loopback(client),
+                owner=client,
             )
         except WhipError as exc:
             return error(exc.status, str(exc))

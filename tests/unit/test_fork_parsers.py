@@ -502,3 +502,25 @@ def test_any_input_gives_events_or_a_protocol_error(dialect: str, messages: list
     started = [e for e in events if isinstance(e, StreamStarted)]
     assert len(started) <= 1
     assert not media or started, "media only ever follows a start"
+
+
+@pytest.mark.parametrize(
+    ("parser_class", "call_key", "format_key", "rate_key", "encoding"),
+    [
+        (ExotelParser, "call_sid", "media_format", "sample_rate", "raw"),  # fuzz/run.sh found it
+        (PlivoParser, "callId", "mediaFormat", "sampleRate", "audio/x-l16"),
+        (TelnyxParser, "call_control_id", "media_format", "sample_rate", "L16"),
+    ],
+)
+@pytest.mark.parametrize("rate", [0, -8000])
+def test_linear_audio_at_a_rate_of_zero_or_less_is_a_protocol_error(
+    parser_class: type[ExotelParser | PlivoParser | TelnyxParser],
+    call_key: str,
+    format_key: str,
+    rate_key: str,
+    encoding: str,
+    rate: int,
+) -> None:
+    start = {call_key: "c1", format_key: {"encoding": encoding, rate_key: rate}}
+    with pytest.raises(ForkProtocolError, match="rate"):  # was a bare ValueError from linear_codec
+        parser_class().receive_text(json.dumps({"event": "start", "start": start}))

@@ -135,6 +135,6 @@ def test_siprec_leg_names_follow_the_rule() -> None:
 
     assert leg_name(Participant("p1", "sip:alice@example.com", "Alice")) == "alice@example.com"
     assert leg_name(Participant("p1", "", "")) == "p1"
-    assert leg_name(Participant("", " ", " ")) == "participant"
+    assert leg_name(Participant("", " ", " ")) == ""  # all blank: named by position (recorded_streams)
     assert is_valid_id(leg_name(Participant("p1", "sip:bob@example.com;user=phone", "")))
     assert is_valid_id(leg_name(Participant("p1", "", "Bob Smith <bob>")))

@@ -42,6 +42,7 @@ class PortBook:
         codec: str,
         meta: dict[str, Any] | None = None,
         payload_types: dict[int, str] | None = None,
+        owner: str | None = None,
     ) -> ReservedLeg:
         if leg == self.conflict_on:
             raise LegConflict(f"leg {leg!r} of call {call_id!r} is already open")

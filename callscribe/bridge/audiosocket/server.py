@@ -180,7 +180,7 @@ class AudioSocketConnection:
         elif isinstance(event, CallIdentified):
             try:
                 self.leg = self.server.registry.open_leg(
-                    event.call_id, CALLER, {"source": "audiosocket", "peer": self.source}
+                    event.call_id, CALLER, {"source": "audiosocket", "peer": self.source}, owner=self.source
                 )
             except (LegConflict, AtCapacity, InvalidId) as exc:
                 metrics.drop(TRANSPORT, DropReason.REFUSED)

@@ -87,27 +87,31 @@ class ForkSession:
         max_frame_bytes: int,
         peer: str,
         policy: AccessPolicy | None = None,
+        start_timeout: float | None = None,
     ) -> None:
         """`policy`: set when the start message must carry the fork token (the sender presented
-        none at the HTTP level and its dialect can carry one in-band)."""
+        none at the HTTP level and its dialect can carry one in-band). `start_timeout`: seconds
+        the sender has to send its start message before the socket is closed (None: forever)."""
         self.parser = parser
         self.registry = registry
         self.metrics = metrics
         self.max_frame_bytes = max_frame_bytes
         self.peer = peer
         self.start_policy = policy
+        self.start_timeout = start_timeout
         self.transport = parser.transport
         self.started: StreamStarted | None = None
         self.legs: dict[str, Leg] = {}
         self.decoders: dict[str, Decoder] = {}
         self.replies: asyncio.Queue[str] | None = None
+        self._start_deadline: float | None = None
 
     async def run(self, connection: ForkConnection) -> None:
         ended = StreamEnded(CloseCode.NORMAL, "", EndReason.DISCONNECT)
         sender: asyncio.Task[None] | None = None
         try:
             while True:
-                message = await connection.receive()
+                message = await self._receive(connection)
                 if message is None:
                     code = connection.peer_close_code
                     sent_code = code is not None and code not in (CloseCode.NO_STATUS, CloseCode.ABNORMAL)
@@ -139,6 +143,29 @@ class ForkSession:
                     await sender
             with contextlib.suppress(Exception):
                 await connection.close(ended.code, ended.reason[:120])
+
+    async def _receive(self, connection: ForkConnection) -> str | bytes | None:
+        """The next message; until the stream has started, within the start deadline (a socket
+        that never says which call it is would otherwise hold one of its source's slots, and
+        a sender without a token would be held open waiting for the token in-band)."""
+        if self.started is not None or self.start_timeout is None:
+            return await connection.receive()
+        loop = asyncio.get_running_loop()
+        if self._start_deadline is None:
+            self._start_deadline = loop.time() + self.start_timeout
+        try:
+            return await asyncio.wait_for(connection.receive(), max(0.0, self._start_deadline - loop.time()))
+        except TimeoutError:
+            self.metrics.drop(self.transport, DropReason.START_TIMEOUT)
+            log.info(
+                "fork %s from %s closed: no start message within %.0f s",
+                self.parser.dialect,
+                self.peer,
+                self.start_timeout,
+            )
+            raise StreamEnded(
+                CloseCode.POLICY, f"no start message within {self.start_timeout:g} s", EndReason.REFUSED
+            ) from None
 
     def _parse(self, message: str | bytes) -> list[ForkEvent]:
         size = len(message)  # characters for text: a lower bound of its bytes, and free
@@ -178,6 +205,9 @@ class ForkSession:
                 "fork %s from %s refused: %s token in the start message", self.parser.dialect, self.peer, why
             )
             raise StreamEnded(CloseCode.POLICY, f"{why} token", EndReason.REFUSED)
+        if not event.call_id:
+            # e.g. Twilio `"callSid": ""`: there is no call to publish the audio under.
+            raise ForkProtocolError("the start message names no call (empty call id)")
         if not is_valid_id(event.call_id):
             self.metrics.drop(self.transport, DropReason.INVALID_ID)
             refusal = InvalidId("call_id", event.call_id)
@@ -201,13 +231,16 @@ class ForkSession:
         assert self.started is not None, "parsers start the stream before any leg event"
         meta = {**self.started.meta, "peer": self.peer, "transport": self.transport}
         try:
-            leg = self.registry.open_leg(self.started.call_id, name, meta)
+            leg = self.registry.open_leg(self.started.call_id, name, meta, owner=self.peer)
         except LegConflict as exc:
             self.metrics.drop(self.transport, DropReason.LEG_CONFLICT)
             raise StreamEnded(CloseCode.POLICY, str(exc), EndReason.REFUSED) from None
         except InvalidId as exc:
             self.metrics.drop(self.transport, DropReason.INVALID_ID)
             raise StreamEnded(CloseCode.POLICY, str(exc)[:120], EndReason.REFUSED) from None
+        except ValueError as exc:  # an id the registry refuses: the sender's data, not our bug
+            self.metrics.drop(self.transport, DropReason.REFUSED)
+            raise StreamEnded(CloseCode.POLICY, str(exc), EndReason.REFUSED) from None
         except AtCapacity as exc:
             self.metrics.drop(self.transport, DropReason.AT_CAPACITY)
             raise StreamEnded(CloseCode.TRY_LATER, str(exc), EndReason.REFUSED) from None

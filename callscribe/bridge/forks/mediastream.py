@@ -168,7 +168,12 @@ class MediaStreamParser(ForkParser):
         media_format = optional(start, names.media_format, dict, "start.start", {})
         encoding = optional(media_format, "encoding", str, where, names.default_encoding)
         rate = number(media_format, names.rate, where) if names.rate in media_format else 8000
-        codec = self.codec(encoding, rate)
+        try:
+            codec = self.codec(encoding, rate)
+        except ValueError as exc:  # linear_codec on "sampleRate": 0 (found by fuzz/run.sh)
+            raise ForkProtocolError(
+                f"unsupported media format encoding={encoding!r} rate={rate}: {exc}"
+            ) from None
         if codec is None:
             raise ForkProtocolError(f"unsupported media format encoding={encoding!r} rate={rate}")
         parameters: dict[str, str] = {}

@@ -157,14 +157,16 @@ class RtpIngest:
         codec: str,
         meta: dict[str, Any] | None = None,
         payload_types: dict[int, str] | None = None,
+        owner: str | None = None,
     ) -> ReservedLeg:
         """Open a leg now and a UDP port for its RTP; CodecError for an unknown codec,
-        AtCapacity when no port is free, LegConflict for a duplicate leg name."""
+        AtCapacity when no port is free, LegConflict for a duplicate leg name (or a call
+        another `owner` opened)."""
         spec = spec_by_name(codec)
         receiver = self._new_receiver(spec.name, payload_types)
         transport, media_port = await self._bind_leg_port()
         try:
-            opened = self._registry.open_leg(call_id, leg, meta)
+            opened = self._registry.open_leg(call_id, leg, meta, owner=owner)
         except BaseException:
             transport.close()
             self._ports_in_use.discard(media_port)
@@ -348,7 +350,9 @@ class RtpIngest:
             return None
         call_id = f"rtp-{host}-{addr[1]}-{ssrc:08x}"
         try:
-            leg = self._registry.open_leg(call_id, CALLER, {"source": f"{host}:{addr[1]}", "ssrc": ssrc})
+            leg = self._registry.open_leg(
+                call_id, CALLER, {"source": f"{host}:{addr[1]}", "ssrc": ssrc}, owner=host
+            )
         except LegConflict:
             self._auto_per_host.release(host)
             # The same source's previous leg (idle timeout) is still flushing its last final.

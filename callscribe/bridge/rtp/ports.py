@@ -24,6 +24,7 @@ class RtpPorts(Protocol):
         codec: str,
         meta: dict[str, Any] | None = None,
         payload_types: dict[int, str] | None = None,
+        owner: str | None = None,
     ) -> ReservedLeg: ...
 
     async def release(self, leg_id: str, reason: EndReason = EndReason.RELEASED) -> object: ...

@@ -278,7 +278,9 @@ def parse_via(value: str) -> Via:
 
 
 def _port(text: str, value: str) -> int:
-    if not text.strip().isdigit() or not 0 < int(text) < 65536:
+    text = text.strip()
+    # ASCII only: "²".isdigit() is true and int("²") raises ValueError (a traceback, not a 400).
+    if not (text.isascii() and text.isdigit()) or len(text) > 5 or not 0 < int(text) < 65536:
         raise SipParseError(f"Via {value!r} has port {text!r}, expected 1-65535", DropReason.BAD_VIA)
     return int(text)
 
@@ -286,7 +288,7 @@ def _port(text: str, value: str) -> int:
 def parse_cseq(value: str) -> tuple[int, str]:
     number, _, method = value.strip().partition(" ")
     method = method.strip()
-    if not number.isdigit() or len(number) > 10 or not _TOKEN.match(method or " "):
+    if not (number.isascii() and number.isdigit()) or len(number) > 10 or not _TOKEN.match(method or " "):
         raise SipParseError(f"CSeq {value!r} is not '<number> <method>'", DropReason.BAD_CSEQ)
     return int(number), method.upper()
 
@@ -334,7 +336,8 @@ def parse_message(data: bytes, *, stream: bool = False) -> SipRequest | SipRespo
         headers.items.append((name, value.strip()))
     length_text = headers.get("content-length")
     if length_text is not None:
-        if not length_text.isdigit() or len(length_text) > 9:
+        # ASCII digits only (RFC 3261 §20.14 1*DIGIT): str.isdigit() also takes "٣" or "²".
+        if not (length_text.isascii() and length_text.isdigit()) or len(length_text) > 9:
             raise SipParseError(
                 f"Content-Length {length_text!r} is not a number", DropReason.BAD_CONTENT_LENGTH
             )

@@ -18,6 +18,11 @@ MAX_MEDIA = 16
 TELEPHONE_EVENT = "telephone-event"
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits only: str.isdigit() is true for "²" or "٣", which int() then refuses."""
+    return text.isascii() and text.isdigit()
+
+
 class SdpError(ValueError):
     """An SDP body that cannot be parsed or answered."""
 
@@ -76,15 +81,15 @@ class MediaDescription:
         maps: dict[int, RtpMap] = {}
         for fmt in self.formats:
             # RFC 3551 static payload types need no a=rtpmap; the codec registry knows them.
-            static = spec_for_static_pt(int(fmt)) if fmt.isdigit() else None
+            static = spec_for_static_pt(int(fmt)) if _digits(fmt) else None
             if static is not None:
                 maps[int(fmt)] = RtpMap(int(fmt), static.encoding, static.clock_rate, static.channels)
         for value in self.attribute_values("rtpmap"):
             pt_text, _, spec = value.partition(" ")
             parts = spec.strip().split("/")
-            if not pt_text.isdigit() or len(parts) < 2 or not parts[1].isdigit():
+            if not _digits(pt_text) or len(parts) < 2 or not _digits(parts[1]):
                 raise SdpError(f"a=rtpmap:{value!r} is not '<pt> <encoding>/<clock>[/<channels>]'")
-            channels = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else 1
+            channels = int(parts[2]) if len(parts) > 2 and _digits(parts[2]) else 1
             pt = int(pt_text)
             if pt > 127:
                 raise SdpError(f"a=rtpmap:{value!r} has payload type {pt}, expected 0-127")
@@ -168,7 +173,7 @@ def parse_sdp(body: bytes | str) -> SessionDescription:
             seen_version = True
         elif kind == "o":
             parts = value.split()
-            if len(parts) != 6 or not parts[2].isdigit():
+            if len(parts) != 6 or not _digits(parts[2]):
                 raise SdpError(f"o={value!r} is not '<user> <id> <version> IN IP4 <address>'")
             sdp.origin_user, sdp.session_id = parts[0], parts[1]
             sdp.session_version, sdp.origin_address = int(parts[2]), parts[5]
@@ -184,7 +189,7 @@ def parse_sdp(body: bytes | str) -> SessionDescription:
             if len(parts) < 3:
                 raise SdpError(f"m={value!r} is not '<media> <port> <proto> <fmt>...'")
             port_text, _, count_text = parts[1].partition("/")
-            if not port_text.isdigit() or int(port_text) > 65535 or (count_text and not count_text.isdigit()):
+            if not _digits(port_text) or int(port_text) > 65535 or (count_text and not _digits(count_text)):
                 raise SdpError(f"m={value!r} has port {parts[1]!r}, expected 0-65535")
             if len(sdp.media) >= MAX_MEDIA:
                 raise SdpError(f"more than {MAX_MEDIA} m-lines")
@@ -235,7 +240,7 @@ def select_media(offer: SessionDescription) -> list[MediaAnswer]:
             continue
         payload_types: dict[int, str] = {}
         for fmt in media.formats:
-            if not fmt.isdigit() or int(fmt) not in maps:
+            if not _digits(fmt) or int(fmt) not in maps:
                 continue
             codec = maps[int(fmt)].codec
             if codec is not None:

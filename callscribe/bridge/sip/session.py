@@ -47,7 +47,7 @@ from callscribe.bridge.sip.siprec import (
     recorded_streams,
 )
 from callscribe.bridge.sip.uas import UasCore
-from callscribe.ids import ID_RULE, InvalidId, derive_id, is_valid_id, shown
+from callscribe.ids import ID_RULE, derive_id, is_valid_id, shown
 from callscribe.ingest_options import OPTIONS, SIP_HEADER_PREFIX
 from callscribe.metrics import Metrics
 from callscribe.security import AccessPolicy
@@ -106,6 +106,7 @@ class SipSession:
     dialog_id: str | None = None
     our_offer: SessionDescription | None = None
     leg: str = PLAIN_CALL_LEG
+    owner: str | None = None  # the INVITE's source host: the call's legs belong to it
 
 
 class SipCallHandler:
@@ -219,7 +220,7 @@ class SipCallHandler:
             return  # CANCEL arrived before we started
         self._admit(event)
         request = event.request
-        session = SipSession(call_id=request.call_id, siprec=False, meta={})
+        session = SipSession(call_id=request.call_id, siprec=False, meta={}, owner=event.peer.host)
         session.call_id, session.leg = self._chosen_names(request)
         self._setting_up[event.txn_id] = session
         try:
@@ -341,12 +342,14 @@ class SipCallHandler:
                         choice.codec,
                         meta,
                         payload_types=dict(choice.payload_types),
+                        owner=session.owner,
                     )
                 except AtCapacity as exc:
                     raise self._full(exc) from None
                 except LegConflict as exc:
                     raise Rejected(488, f"Not Acceptable Here ({exc})"[:160]) from None
-                except InvalidId as exc:
+                except ValueError as exc:  # a call id or leg name the registry refuses (InvalidId)
+                    self.metrics.drop(TRANSPORT, DropReason.INVALID_ID)
                     raise Rejected(400, f"Bad Request ({exc})"[:160]) from None
             if index < len(session.streams):
                 session.streams[index] = state
@@ -384,7 +387,7 @@ class SipCallHandler:
         meta = dict(session.meta, codec="pcmu", m_line=0)
         try:
             reserved = await self.rtp.reserve(
-                session.call_id, session.leg, "pcmu", meta, payload_types=payload_types
+                session.call_id, session.leg, "pcmu", meta, payload_types=payload_types, owner=session.owner
             )
         except AtCapacity as exc:
             raise self._full(exc) from None

@@ -218,16 +218,20 @@ class RecordedStream:
 
 
 def leg_name(participant: Participant) -> str:
-    """A leg name from a participant: the AOR without its scheme, else the display name."""
-    aor = participant.aor
+    """A leg name from a participant: the AOR without its scheme, else the display name, else
+    the participant id; "" when all are blank (the caller then names the leg by position)."""
+    aor = participant.aor.strip()
     for scheme in ("sips:", "sip:", "tel:"):
         if aor.lower().startswith(scheme):
             aor = aor[len(scheme) :]
             break
-    # Metadata text, not a chosen id: made to follow the id rule rather than refused (a blank
-    # AOR and name fall back to the participant id, then to a fixed name).
-    text = (aor or participant.name or participant.participant_id or "").strip()
-    return derive_id(text, "participant")
+    # Metadata text, not a chosen id: made to follow the id rule rather than refused. Each
+    # candidate is stripped before it is chosen (an AOR of "sip: " or "   " is blank); all blank
+    # gives "" and the stream is named by its position.
+    for candidate in (aor, participant.name, participant.participant_id):
+        if candidate.strip():
+            return derive_id(candidate.strip(), "participant")
+    return ""
 
 
 def recorded_streams(sdp: SessionDescription, metadata: RecordingMetadata | None) -> list[RecordedStream]:
@@ -236,12 +240,13 @@ def recorded_streams(sdp: SessionDescription, metadata: RecordingMetadata | None
     used: set[str] = set()
     for index, media in enumerate(sdp.media):
         participant = metadata.participant_for_label(media.label) if metadata else None
-        if participant is not None:
-            name = leg_name(participant)
-        elif index < len(UNLABELLED_LEGS):
-            name = UNLABELLED_LEGS[index]
-        else:
-            name = f"stream-{media.label or index + 1}"
+        name = leg_name(participant) if participant is not None else ""
+        if not name:  # no participant, or one whose AOR, name and id are all blank
+            name = (
+                UNLABELLED_LEGS[index]
+                if index < len(UNLABELLED_LEGS)
+                else derive_id(f"stream-{media.label or index + 1}", f"stream-{index + 1}")
+            )
         unique, n = name, 2
         while unique in used:
             unique, n = f"{name}-{n}", n + 1

@@ -216,9 +216,13 @@ class UasCore:
     def _reply_bad_request(self, data: bytes, peer: Peer, error: SipParseError) -> None:
         """A 400 when enough of the request survived to address a response, else nothing."""
         if error.reason in (DropReason.TRUNCATED, DropReason.BAD_CONTENT_LENGTH):
+            # RFC 3261 §18.3: a UDP request shorter than its Content-Length SHOULD get a 400.
+            # The header section is read again without the Content-Length that failed it
+            # (re-parsing it with that header would fail the same way, and nothing be sent).
+            head = data.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+            kept = [line for line in head.split(b"\n") if not _is_content_length(line)]
             try:
-                head = data.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
-                request = parse_message(head)
+                request = parse_message(b"\n".join(kept) + b"\r\n\r\n")
             except SipParseError:
                 return
             if isinstance(request, SipRequest) and request.method != "ACK" and request.headers.get("via"):
@@ -611,6 +615,11 @@ class UasCore:
         dialog.interval = min(dialog.interval * 2, T2)
         self._set(dialog, "retransmit_at", max(dialog.retransmit_at + dialog.interval, now))
         return []
+
+
+def _is_content_length(line: bytes) -> bool:
+    name, colon, _ = line.partition(b":")
+    return bool(colon) and name.strip().lower() in (b"content-length", b"l")
 
 
 def dialog_key(call_id: str, local_tag: str, remote_tag: str) -> str:
