@@ -231,6 +231,33 @@ OPERATIONS: dict[str, dict[str, Operation]] = {
             "responses": {"200": {"description": "event stream", "content": {"text/event-stream": {}}}},
         }
     },
+    "/supervisor": {
+        "get": {
+            "summary": "supervisor console: every active call in one grid",
+            "tags": ["supervisor"],
+            "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}},
+        }
+    },
+    "/supervisor/config": {
+        "get": {
+            "summary": "the supervisor page's settings (alert phrases)",
+            "tags": ["supervisor"],
+            "responses": {"200": {"description": "JSON", "content": {"application/json": {}}}},
+        }
+    },
+    "/events/active": {
+        "get": {
+            "summary": "server-sent events of every active call, multiplexed on one stream",
+            "tags": ["supervisor"],
+            "parameters": [
+                {"name": "history_min", "in": "query", "required": False, "schema": {"type": "number"}}
+            ],
+            "responses": {
+                "200": {"description": "event stream", "content": {"text/event-stream": {}}},
+                **_errors(400, 503),
+            },
+        }
+    },
 }
 
 FORK_DIALECT_PATH = "/fork/{dialect}"

@@ -15,7 +15,6 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from callscribe.web.app import create_app
 from tests.fork_senders import twilio_stream
 from tests.support import ServiceFactory
 
@@ -110,7 +109,7 @@ async def test_openapi_describes_every_route_and_is_valid(make_service: ServiceF
         reply = await http.get("/openapi.json")
         assert reply.status_code == 200
         document = reply.json()
-        app = create_app(svc)
+        app = svc.app
     validate(document)  # raises on anything that is not valid OpenAPI 3
     described = {(path, method) for path, ops in document["paths"].items() for method in ops}
     served: set[tuple[str, str]] = set()
@@ -202,8 +201,9 @@ async def test_loopback_client_gets_and_can_use_a_loopback_candidate(make_servic
         await http.delete(reply.headers["location"])
 
 
-async def test_empty_twilio_call_sid_is_a_policy_close_not_a_crash(make_service: ServiceFactory) -> None:
+async def test_empty_twilio_call_sid_is_a_protocol_close_not_a_crash(make_service: ServiceFactory) -> None:
     async with make_service() as svc:
         code, reason = await fork_close(svc, "")
-        assert code == 1008 and "call id must be" in reason
+        # No call id at all is a broken start message (1003), not an id the rule refuses (1008).
+        assert code == 1003 and "names no call" in reason
         assert svc.registry.legs == {}
