@@ -28,7 +28,16 @@ import pytest
 import redis.asyncio as aioredis
 
 from callscribe.events import EventType, TranscriptEvent
+
+# The lab runs real bridges against the real Redis: the integration fixtures (including the
+# session check that Redis answers) apply here too.
+from tests.integration import conftest as integration
 from tests.support import AUDIO_DIR, free_port, serve_command
+
+_redis_is_up = integration._redis_is_up
+key_prefix = integration.key_prefix
+make_service = integration.make_service
+redis = integration.redis
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "config" / "asterisk"
