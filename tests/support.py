@@ -89,7 +89,8 @@ async def read_call_events(
     until: EventType = EventType.CALL_ENDED,
     timeout: float = 60,
 ) -> list[TranscriptEvent]:
-    """Every event of one call from its stream, waiting until an event of type `until` arrives."""
+    """Every event of one call from its two streams (each leg's events in `seq` order), waiting
+    until an event of type `until` arrives."""
     key = f"{prefix}:call:{{{call_id}}}"
     cursors = {key: "0-0", f"{key}:partials": "0-0"}
     events: list[TranscriptEvent] = []
@@ -102,9 +103,24 @@ async def read_call_events(
                 cursors[stream.decode() if isinstance(stream, bytes) else stream] = entry_id
                 events.append(TranscriptEvent.from_fields(fields))
         if any(e.type == until for e in events):
-            return events
+            return in_leg_order(events)
         await asyncio.sleep(0)
     raise TimeoutError(f"no {until} for call {call_id} within {timeout}s; got {[e.type for e in events]}")
+
+
+def in_leg_order(events: list[TranscriptEvent]) -> list[TranscriptEvent]:
+    """Each leg's events (and the call-level ones, leg "") ordered by `seq`, as
+    docs/contract.md tells consumers to do: events read from the call stream and its partials
+    stream have no common order. A leg's events keep the slots its events had in `events`."""
+    ordered = list(events)
+    slots: dict[str, list[int]] = {}
+    for index, event in enumerate(events):
+        slots.setdefault(event.leg, []).append(index)
+    for indexes in slots.values():
+        by_seq = sorted((events[i] for i in indexes), key=lambda e: e.seq)
+        for index, event in zip(indexes, by_seq, strict=True):
+            ordered[index] = event
+    return ordered
 
 
 def finals_text(events: list[TranscriptEvent], leg: str | None = None) -> str:

@@ -401,6 +401,11 @@ def worker_main(
     """Entry point of a worker process (spawned, so it imports only this module)."""
     if parent_pid is not None:
         die_with_parent(parent_pid)  # a SIGKILLed service must not leave decoders running
+        # A stop signal sent to the whole process group (Ctrl-C, systemd's control-group kill)
+        # is the service's to handle: it drains its legs, then sends "stop". A worker killed
+        # first would turn every open utterance's final into an engine error.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     if options.worker_nice:
         os.nice(options.worker_nice)
     try:

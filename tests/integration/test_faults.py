@@ -206,8 +206,11 @@ async def serve_process(
 
 
 async def call_events(redis: aioredis.Redis, prefix: str) -> dict[str, list[TranscriptEvent]]:
+    """Each call's events from its call stream (finals and lifecycle; partials are not read)."""
     calls: dict[str, list[TranscriptEvent]] = {}
     async for key in redis.scan_iter(match=f"{prefix}:call:*", count=1000):
+        if key.endswith(":partials"):  # schema v2: same call_id, would replace the call stream's events
+            continue
         events = [TranscriptEvent.from_fields(fields) for _id, fields in await redis.xrange(key)]
         if events:
             calls[events[0].call_id] = events

@@ -397,6 +397,8 @@ class CallLog:
 
     async def refresh(self) -> dict[str, list[TranscriptEvent]]:
         async for key in self.redis.scan_iter(match=f"{self.prefix}:call:*", count=1000):
+            if key.endswith(b":partials" if isinstance(key, bytes) else ":partials"):
+                continue  # a call's partials stream: finals and lifecycle are in the call stream
             events = [TranscriptEvent.from_fields(fields) for _id, fields in await self.redis.xrange(key)]
             if events:
                 self.calls[events[0].call_id] = events
