@@ -221,7 +221,8 @@ async def leg_events(redis: aioredis.Redis, prefix: str) -> list[TranscriptEvent
     events = []
     async for key in redis.scan_iter(match=f"{prefix}:call:*", count=1000):
         events += [TranscriptEvent.from_fields(fields) for _id, fields in await redis.xrange(key)]
-    return [e for e in events if e.leg]
+    # The call stream and the partials stream share no order: a leg's order is its seq.
+    return sorted((e for e in events if e.leg), key=lambda e: e.seq)
 
 
 async def wait_for_events(
