@@ -210,17 +210,13 @@ class RedisStreamsPublisher:
             flushed = await self.wait_flushed(timeout)
         self._closed = True
         if self._lease_task is not None:
-            self._lease_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._lease_task
+            await _stop(self._lease_task)
             if flushed and self._client is not None:
                 # Every call ended in Redis: no sweep needed, don't wait for the TTL.
                 with contextlib.suppress(RedisError, OSError):
                     await self.lease.release(self._client)
         if self._sender is not None:
-            self._sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sender
+            await _stop(self._sender)
             self._sender = None
         self._keep_unwritten()
         if self._spool is not None:
@@ -482,6 +478,24 @@ class RedisStreamsPublisher:
 
     def _update_depth(self) -> None:
         self._metrics.outage_buffer_depth.set(self.buffer_depth)
+
+
+# How long _stop() waits for a cancelled task before cancelling it again.
+STOP_RECANCEL_SEC = 0.1
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel `task` and wait until it has ended. One cancel is not always enough: on
+    Python 3.11, `asyncio.wait_for` returns the result, dropping the cancellation, when the
+    cancel arrives just as the awaited operation completes (CPython gh-86296, fixed in 3.12),
+    and redis-py wraps every socket write in it when `socket_timeout` is set. The sender and
+    the lease loop would then go on forever and close() would never return, so cancel again
+    until the task is done."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=STOP_RECANCEL_SEC)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _describe(event: TranscriptEvent) -> str:
