@@ -340,6 +340,9 @@ async def serve(key_prefix: str, tmp_path: Path) -> AsyncIterator[ServeFactory]:
             "HOME": os.environ.get("HOME", "/root"),
             "CALLSCRIBE_HTTP_HOST": "127.0.0.1",
             "CALLSCRIBE_RTP_HOST": "127.0.0.1",
+            # The example's public address (203.0.113.10, a documentation address) is what SIP
+            # answers and /v1/legs hand out: here it is this machine.
+            "CALLSCRIBE_RTP_PUBLIC_HOST": "127.0.0.1",
             "CALLSCRIBE_AUDIOSOCKET_PORT": str(audiosocket_port),
             "CALLSCRIBE_SIP_PORT": str(sip_port),
             **settings,
