@@ -14,10 +14,20 @@ What is redacted (docs/contract.md, "Redaction"):
   card is in context (a card word such as "card", "visa", "cvv", "expiry" in the utterance,
   or a card or card word in the call's last `CARD_CONTEXT_MS`), any run of 3 or more digits:
   the CVV, the expiry ("oh four twenty seven", "04/27"), the rest of a card split over two
-  utterances. Partials redact runs of `PARTIAL_MIN_DIGITS` or more, since a card being
-  spoken grows a few digits at a time there.
+  utterances.
 - ssn: a run of exactly 9 digits, or the written ddd-dd-dddd pattern.
+- both: a run that may still be growing is masked once it has `OPEN_RUN_MIN_DIGITS`: any run
+  of a partial, and the run a final ends with (the speaker may go on in the next utterance:
+  the segmenter closes an utterance after a short pause, or at its window, mid-number).
 Shorter numbers out of context ("room four", "press two") are left alone.
+
+Numbers do not stop at utterance ends (`Redactor`): a leg's final or partial that starts with
+digits, within `CONTINUE_GAP_MS` of the digits the leg's previous utterance ended with,
+continues that run. The run's digits so far (the *carry*) count toward every length above, so
+a card split over two, three or more finals is still 13+ digits, and a continuation of a run
+already masked is masked too. What was published before the run grew cannot be taken back:
+hence the open-run rule, which leaves at most `OPEN_RUN_MIN_DIGITS - 1` leading digits of a
+split number in clear.
 """
 
 from __future__ import annotations
@@ -45,7 +55,12 @@ CARD_CONTEXT_MS = 60_000
 CARD_MIN_DIGITS = 13
 CARD_MAX_DIGITS = 19
 IN_CONTEXT_MIN_DIGITS = 3
-PARTIAL_MIN_DIGITS = 6
+# A run that may continue (a partial's, a final's last) is masked from this many digits: a
+# card split across utterances shows at most its first 3 digits (PCI DSS allows the first 6).
+OPEN_RUN_MIN_DIGITS = 4
+# A final or partial starting with digits continues the run its leg's previous utterance ended
+# with when it starts at most this long (leg audio time) after that run's end.
+CONTINUE_GAP_MS = 5_000
 
 _UNITS = {
     "zero": 0, "oh": 0, "o": 0, "one": 1, "two": 2, "three": 3, "four": 4,
@@ -144,50 +159,93 @@ def _runs(numeric: Sequence[str | None]) -> list[tuple[int, int, str]]:
 
 
 @dataclass(frozen=True, slots=True)
+class Carry:
+    """The digit run an utterance ended with, which the leg's next utterance may continue."""
+
+    digits: int  # the run's length, counting what it continued in turn
+    masked: bool  # it was masked (then so is its continuation)
+    end_ms: int | None = None  # where it ended (leg audio time), when known
+
+
+@dataclass(frozen=True, slots=True)
 class Verdict:
     tokens: tuple[str, ...]
     card: bool  # a card number was redacted: puts a card in context for what follows
     cue: bool  # a card word was said
+    tail: Carry | None = None  # the run the tokens end with (None: they end with a word)
 
 
 def redact_tokens(
-    tokens: Sequence[str], kinds: frozenset[Redaction], *, card_context: bool, partial: bool = False
+    tokens: Sequence[str],
+    kinds: frozenset[Redaction],
+    *,
+    card_context: bool,
+    partial: bool = False,
+    carry: Carry | None = None,
+    open_end: bool = False,
 ) -> Verdict:
-    """`tokens` with redacted ones replaced by MASK, one for one."""
+    """`tokens` with redacted ones replaced by MASK, one for one.
+
+    `carry`: the run a leading digit run continues (its digits count toward that run's
+    length). `open_end`: the last run may go on in a later utterance (a final's); a partial's
+    runs all may."""
     if not kinds or not tokens:
-        return Verdict(tuple(tokens), False, False)
+        return Verdict(tuple(tokens), False, False, carry if kinds and not tokens else None)
     numeric = _numeric(tokens)
     cue = any(t.lower().strip(_PUNCT) in CARD_CUES for t in tokens)
     masked = list(tokens)
     card = False
+    tail = None
     for start, end, digits in _runs(numeric):
-        hit = False
+        continued = carry if start == 0 and carry is not None else None
+        length = len(digits) + (continued.digits if continued else 0)
+        growing = partial or (open_end and end == len(tokens))
+        hit = bool(continued and continued.masked) or (growing and length >= OPEN_RUN_MIN_DIGITS)
         if Redaction.PCI in kinds:
             # Every Luhn-valid 13–19 digit card has 13+ digits; not asking for the checksum
             # also catches spoken cards the recogniser got a digit of wrong.
-            if len(digits) >= CARD_MIN_DIGITS:
+            if length >= CARD_MIN_DIGITS:
                 hit = card = True
-            elif len(digits) >= (
-                IN_CONTEXT_MIN_DIGITS if card_context or cue else PARTIAL_MIN_DIGITS if partial else 99
-            ):
+            elif (card_context or cue) and length >= IN_CONTEXT_MIN_DIGITS:
                 hit = True
         if Redaction.SSN in kinds and (
-            len(digits) == 9 or any(_SSN_WRITTEN.match(t.strip(_PUNCT)) for t in tokens[start:end])
+            length == 9 or any(_SSN_WRITTEN.match(t.strip(_PUNCT)) for t in tokens[start:end])
         ):
             hit = True
         if hit:
             masked[start:end] = [MASK] * (end - start)
-    return Verdict(tuple(masked), card, cue)
+        if end == len(tokens):
+            tail = Carry(length, hit)
+    return Verdict(tuple(masked), card, cue, tail)
 
 
-def redact_text(text: str, kinds: frozenset[Redaction], *, card_context: bool, partial: bool = False) -> str:
-    return " ".join(redact_tokens(text.split(), kinds, card_context=card_context, partial=partial).tokens)
+def redact_text(
+    text: str,
+    kinds: frozenset[Redaction],
+    *,
+    card_context: bool,
+    partial: bool = False,
+    carry: Carry | None = None,
+    open_end: bool = False,
+) -> str:
+    tokens = text.split()
+    verdict = redact_tokens(
+        tokens, kinds, card_context=card_context, partial=partial, carry=carry, open_end=open_end
+    )
+    return " ".join(verdict.tokens)
 
 
 def redact_words(
-    words: Sequence[Word], kinds: frozenset[Redaction], *, card_context: bool
+    words: Sequence[Word],
+    kinds: frozenset[Redaction],
+    *,
+    card_context: bool,
+    carry: Carry | None = None,
+    open_end: bool = False,
 ) -> tuple[tuple[Word, ...], Verdict]:
-    verdict = redact_tokens([w["w"] for w in words], kinds, card_context=card_context)
+    verdict = redact_tokens(
+        [w["w"] for w in words], kinds, card_context=card_context, carry=carry, open_end=open_end
+    )
     masked = tuple(
         word
         if token == word["w"]
@@ -198,10 +256,51 @@ def redact_words(
 
 
 @dataclass
+class _LegRuns:
+    """A leg's digit runs at utterance ends, by utterance number: its final's, or its latest
+    partial's until the final comes (the next utterance's partials may come first)."""
+
+    tails: dict[int, tuple[Carry | None, bool]] = field(default_factory=dict)  # utt: (tail, final)
+    finals: int = 0  # numbers utterances for events without `utt`
+
+    def utt(self, event: TranscriptEvent) -> int:
+        return event.utt if event.utt is not None else self.finals
+
+    def carry(self, event: TranscriptEvent) -> Carry | None:
+        """The run `event` would continue: the previous utterance's tail, if close enough."""
+        utt = self.utt(event)
+        before = [number for number in self.tails if number < utt]
+        if not before:
+            return None
+        tail, _ = self.tails[max(before)]
+        if tail is None:
+            return None
+        too_late = (
+            tail.end_ms is not None
+            and event.start_ms is not None
+            and event.start_ms - tail.end_ms > CONTINUE_GAP_MS
+        )
+        return None if too_late else tail  # timing unknown: it continues (mask more, not less)
+
+    def record(self, event: TranscriptEvent, tail: Carry | None, *, final: bool) -> None:
+        utt = self.utt(event)
+        if not final and self.tails.get(utt, (None, False))[1]:
+            return  # a late partial of an utterance whose final is in
+        self.tails[utt] = (tail, final)
+        for number in list(self.tails):
+            # Older ones are done with; a final's later numbers were an engine's restart.
+            if number < utt - 1 or (final and number > utt):
+                del self.tails[number]
+        if final and event.utt is None:
+            self.finals += 1
+
+
+@dataclass
 class _CallState:
     kinds: frozenset[Redaction]
     card_at: int | None = None  # ts (ms) of the last card or card word in the call
     legs: dict[str, frozenset[Redaction]] = field(default_factory=dict)
+    runs: dict[str, _LegRuns] = field(default_factory=dict)
 
 
 class Redactor:
@@ -211,7 +310,8 @@ class Redactor:
     Which kinds apply: the `redact` ingest option of the leg (leg.started meta), else of the
     call (call.started meta), else the `default`. Card context spans the legs of a call (the
     agent asks, the caller answers) and is timed by the events' `ts`, so the redactor reads no
-    clock. State is dropped at call.ended.
+    clock. A leg's number runs continue across its utterances (`_LegRuns`, timed by the
+    events' leg audio `start_ms`/`end_ms`). State is dropped at call.ended.
     """
 
     def __init__(self, default: frozenset[Redaction]) -> None:
@@ -240,14 +340,27 @@ class Redactor:
             return event
         in_context = state.card_at is not None and 0 <= event.ts - state.card_at <= CARD_CONTEXT_MS
         partial = event.type == EventType.PARTIAL
-        text = redact_tokens(event.text.split(), kinds, card_context=in_context, partial=partial)
+        runs = state.runs.setdefault(event.leg, _LegRuns())
+        carry = runs.carry(event)
+
+        def verdict(tokens: list[str]) -> Verdict:
+            # Every utterance may end mid-number: its last run is open (a partial's: all).
+            return redact_tokens(
+                tokens, kinds, card_context=in_context, partial=partial, carry=carry, open_end=True
+            )
+
+        text = verdict(event.text.split())
         # stable/unstable are redacted as the text they make up, then split back: a card
         # number straddling the two must be seen whole.
         stable_words = event.stable.split()
-        joined = redact_tokens(
-            stable_words + event.unstable.split(), kinds, card_context=in_context, partial=partial
+        joined = verdict(stable_words + event.unstable.split())
+        words, word_verdict = redact_words(
+            event.words, kinds, card_context=in_context, carry=carry, open_end=True
         )
-        words, word_verdict = redact_words(event.words, kinds, card_context=in_context)
+        tail = text.tail
+        if tail is not None and event.text.split():
+            tail = replace(tail, end_ms=event.end_ms)
+        runs.record(event, tail, final=not partial)
         if not partial and (text.card or text.cue or word_verdict.card):
             state.card_at = event.ts
         return replace(

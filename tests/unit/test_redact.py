@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from itertools import pairwise
 
 import pytest
 from hypothesis import given
@@ -11,7 +12,15 @@ from hypothesis import strategies as st
 
 from callscribe.events import EventType, TranscriptEvent, Word
 from callscribe.ingest_options import context, ingest_option, keyterms
-from callscribe.redact import MASK, Redaction, Redactor, luhn_valid, parse_redactions, redact_text
+from callscribe.redact import (
+    CONTINUE_GAP_MS,
+    MASK,
+    Redaction,
+    Redactor,
+    luhn_valid,
+    parse_redactions,
+    redact_text,
+)
 
 PCI = frozenset({Redaction.PCI})
 BOTH = frozenset({Redaction.PCI, Redaction.SSN})
@@ -151,3 +160,149 @@ def test_ingest_options_lookup() -> None:
     assert context(meta) == "Acme Bank" and keyterms(meta) == ("Zelle", "overdraft")
     assert keyterms({"keyterms": ["a", " ", "b"]}) == ("a", "b")
     assert ingest_option({}, "redact") is None and context({}) == ""
+
+
+# A card split across finals: the segmenter ends an utterance after a short pause (or at its
+# window), so a number said with pauses reaches the redactor in pieces.
+
+
+class Leg:
+    """One leg of a call through a Redactor: finals (each after partials growing word by
+    word, as an engine sends them) at `gap_ms` of leg audio from one another."""
+
+    def __init__(self, kinds: frozenset[Redaction] = PCI, gap_ms: int = 300) -> None:
+        self.redactor = Redactor(kinds)
+        self.redactor(event(EventType.CALL_STARTED))
+        self.redactor(event(EventType.LEG_STARTED))
+        self.gap_ms, self.utt, self.at_ms = gap_ms, 0, 0
+        self.published: list[tuple[list[str], str]] = []  # (words said so far, text published)
+
+    def say(self, text: str, *, partials: bool = True, gap_ms: int | None = None) -> str:
+        self.at_ms += self.gap_ms if gap_ms is None else gap_ms
+        start, tokens = self.at_ms, text.split()
+        self.at_ms += 300 * len(tokens)
+        timing = {"utt": self.utt, "start_ms": start, "ts": 1_000_000 + self.at_ms}
+        for n in range(1, len(tokens) + 1) if partials else ():
+            stable, unstable = " ".join(tokens[: n - 1]), tokens[n - 1]
+            out = self.redactor(
+                event(
+                    EventType.PARTIAL,
+                    text=" ".join(tokens[:n]),
+                    stable=stable,
+                    unstable=unstable,
+                    end_ms=start + 300 * n,
+                    **timing,
+                )
+            )
+            # stable and unstable are the text's words, masked alike
+            assert " ".join(part for part in (out.stable, out.unstable) if part) == out.text
+            self.published.append((tokens[:n], out.text))
+        words = tuple(
+            Word(w=w, start_ms=start + 300 * i, end_ms=start + 300 * i + 250, conf=0.9)
+            for i, w in enumerate(tokens)
+        )
+        final = self.redactor(
+            event(EventType.FINAL, text=text, stable=text, words=words, end_ms=self.at_ms, **timing)
+        )
+        assert [w["w"] for w in final.words] == final.text.split()
+        assert final.stable == final.text
+        self.published.append((tokens, final.text))
+        self.utt += 1
+        return final.text
+
+
+def pieces(tokens: list[str], cuts: list[int]) -> list[list[str]]:
+    bounds = [0, *sorted(set(cuts)), len(tokens)]
+    return [tokens[a:b] for a, b in pairwise(bounds) if b > a]
+
+
+@given(
+    cards,
+    st.sampled_from(["spoken", "grouped"]),
+    st.sampled_from([["my", "card", "number", "is"], ["it", "is"], []]),
+    st.lists(st.integers(1, 18), min_size=1, max_size=2),
+    st.booleans(),
+)
+def test_card_split_across_finals_is_masked_from_its_fourth_digit(
+    card: str, form: str, intro: list[str], cuts: list[int], words_after: bool
+) -> None:
+    width = 1 if form == "spoken" else 4
+    tokens = spoken(card).split() if form == "spoken" else [card[i : i + 4] for i in range(0, len(card), 4)]
+    said = pieces(tokens, [c % len(tokens) for c in cuts if c % len(tokens)])
+    leg = Leg()
+    position = 0  # of the piece's first digit in the card
+    for index, piece in enumerate(said):
+        before = len(leg.published)
+        text = " ".join(
+            [
+                *(intro if index == 0 else []),
+                *piece,
+                *(["thanks"] if words_after and index == len(said) - 1 else []),
+            ]
+        )
+        leg.say(text)
+        # Nothing published, partials included, shows a digit after the card's first 3.
+        lead = len(intro) if index == 0 else 0
+        for words, published in leg.published[before:]:
+            for j, (word, out) in enumerate(zip(words, published.split(), strict=True)):
+                if lead <= j < lead + len(piece) and position + (j - lead + 1) * width > 3:
+                    assert out == MASK, (said, words, published)
+                elif not lead <= j < lead + len(piece):
+                    assert out == word  # the words around the card are kept
+        position += len(piece) * width
+    # The split card puts a card in context: a CVV said after a longer pause is masked.
+    assert leg.say("the code is seven three one", gap_ms=10_000) == f"the code is {MASK} {MASK} {MASK}"
+
+
+def test_card_over_two_finals_without_a_card_word() -> None:
+    leg = Leg()
+    assert leg.say("it is four one one one one one one one") == "it is " + " ".join([MASK] * 8)
+    assert leg.say("one one one one one one one one please") == " ".join([MASK] * 8) + " please"
+
+
+def test_card_over_three_finals_with_a_card_word_and_a_noise_final_between() -> None:
+    leg = Leg()
+    assert leg.say("my card is four one") == "my card is four one"  # 2 digits, even in context
+    assert leg.say("one one one one one") == " ".join([MASK] * 5)
+    assert leg.say("") == ""  # noise: no words, the run is still open
+    assert leg.say("one one one one one one one one one") == " ".join([MASK] * 9)
+    assert {leaked_digits(text) for _, text in leg.published} <= {"", "4", "41"}
+
+
+def test_a_short_first_piece_is_kept_and_the_rest_masked() -> None:
+    leg = Leg()
+    assert leg.say("four one one") == "four one one"  # 3 digits: could be anything
+    assert leg.say("one one one one one one one one one one one one one") == " ".join([MASK] * 13)
+    assert {leaked_digits(text) for _, text in leg.published} == {"", "4", "41", "411"}
+
+
+def test_a_partial_of_the_next_utterance_before_the_final_continues_the_run() -> None:
+    redactor = Redactor(PCI)
+    redactor(event(EventType.CALL_STARTED))
+    first = redactor(
+        event(EventType.PARTIAL, utt=0, start_ms=0, end_ms=900, text="four one one", unstable="four one one")
+    )
+    assert first.text == "four one one"
+    # utt 1's partial overtakes utt 0's final (a slow final decode): it continues utt 0's partial.
+    second = redactor(event(EventType.PARTIAL, utt=1, start_ms=1200, end_ms=1500, text="one", unstable="one"))
+    assert second.text == second.unstable == MASK
+
+
+def test_numbers_apart_in_time_or_words_are_not_joined() -> None:
+    leg = Leg()
+    assert leg.say("room four") == "room four"
+    assert leg.say("one two") == "one two"  # room four, then "one two": 3 digits, no card
+    assert leg.say("press two") == "press two"
+    assert leg.say("i said two one") == "i said two one"
+    # A number at an utterance's end may go on in the next one: from 4 digits it is masked.
+    assert leg.say("call me at five five five") == "call me at five five five"
+    assert leg.say("one two one two", gap_ms=CONTINUE_GAP_MS + 1) == " ".join([MASK] * 4)
+    assert leg.say("thanks", gap_ms=0) == "thanks"
+    assert leg.say("seven seven", gap_ms=CONTINUE_GAP_MS + 1) == "seven seven"
+
+
+@given(st.text("0123456789", min_size=1, max_size=3), st.text("0123456789", min_size=1, max_size=3))
+def test_short_numbers_in_separate_utterances_are_kept(first: str, second: str) -> None:
+    leg = Leg(gap_ms=CONTINUE_GAP_MS + 1)
+    assert leg.say(f"room {spoken(first)}") == f"room {spoken(first)}"
+    assert leg.say(f"{spoken(second)} please") == f"{spoken(second)} please"
