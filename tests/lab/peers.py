@@ -13,6 +13,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
+from redis.crc import key_slot as local_key_slot
+
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
 
@@ -95,6 +98,7 @@ class RedisClusterLab:
         )  # fmt: skip
         assert out.returncode == 0, f"redis-cli --cluster create failed: {out.stdout}\n{out.stderr}"
         self._wait(self._settled, "cluster_state:ok on every node with 3 replicas", 30)
+        self._wait_replicas_streaming(30)
         self.started_sec = time.monotonic() - began
 
     def _settled(self) -> bool:
@@ -105,6 +109,33 @@ class RedisClusterLab:
         # age is unbounded), so wait for every link to be up.
         replication = [_info(p, "info replication") for p in live]
         return sum(r.get("role") == "slave" and r.get("master_link_status") == "up" for r in replication) == 3
+
+    def _wait_replicas_streaming(self, timeout: float) -> None:
+        """`master_link_status:up` is not enough: after a diskless (socket) full sync a Redis 7
+        master holds the replication stream until the replica's first REPLCONF ACK (sent once
+        a second), so for up to ~1 s every write exists on the master alone and a master
+        killed then takes it with it (the replica is promoted with an empty data set). Write
+        a probe key through every master and WAIT for its replica to acknowledge it."""
+        for port in self.ports:
+            own = next(line for line in cli(port, "cluster", "nodes").splitlines() if "myself" in line)
+            parts = own.split()
+            if "master" not in parts[2]:
+                continue
+            spans = [span.partition("-") for span in parts[8:] if span[:1].isdigit()]
+            owned = [(int(low), int(high or low)) for low, _, high in spans]
+            probe = next(
+                name
+                for name in (f"lab-probe-{i}" for i in range(100_000))
+                if any(low <= local_key_slot(name.encode()) <= high for low, high in owned)
+            )
+            client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=timeout)
+            try:
+                client.set(probe, "1")
+                client.delete(probe)
+                acked = int(client.execute_command("WAIT", 1, int(timeout * 1000)))
+            finally:
+                client.close()
+            assert acked >= 1, f"the replica of master {port} did not acknowledge a write in {timeout} s"
 
     def master_of_slot(self, slot: int) -> int | None:
         """The port of the master serving `slot` as a live node sees it (None mid-failover)."""
