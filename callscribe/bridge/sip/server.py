@@ -47,6 +47,9 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         log.debug("SIP UDP socket error: %s", exc)
 
 
+ANY_PORT_ATTEMPTS = 20  # sip_port 0: tries for a number free for both UDP and TCP
+
+
 class SipServer:
     """SIP UAS on `settings.sip_host:sip_port` (UDP and TCP on the same port)."""
 
@@ -75,12 +78,24 @@ class SipServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _UdpProtocol(self), local_addr=(self.settings.sip_host, self.settings.sip_port)
-        )
-        self._udp = transport
-        self.port = int(transport.get_extra_info("sockname")[1])
-        self._tcp = await asyncio.start_server(self._serve_tcp, self.settings.sip_host, self.port)
+        # UDP and TCP share one port number. With sip_port 0 the kernel picks it for UDP, and
+        # the same number may be taken for TCP (an outgoing connection's ephemeral port): then
+        # both are given back and another number is tried.
+        attempts = ANY_PORT_ATTEMPTS if self.settings.sip_port == 0 else 1
+        for attempt in range(attempts):
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _UdpProtocol(self), local_addr=(self.settings.sip_host, self.settings.sip_port)
+            )
+            self.port = int(transport.get_extra_info("sockname")[1])
+            try:
+                self._tcp = await asyncio.start_server(self._serve_tcp, self.settings.sip_host, self.port)
+            except OSError:
+                transport.close()
+                if attempt + 1 == attempts:
+                    raise
+                continue
+            self._udp = transport
+            break
         host = self.settings.sip_public_host or self.settings.rtp_public_host or self.settings.sip_host
         contact_host = f"[{host}]" if ":" in host else host
         self.core = UasCore(
