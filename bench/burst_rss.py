@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import socket
 import subprocess
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.support import free_port, serve_command
+from tests.support import free_port, serve_command, wait_serve_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,13 +117,8 @@ async def main() -> None:
         serve_command(args.redis_url, prefix, http_port, rtp_port), cwd=ROOT, env=env
     )
     try:
+        await wait_serve_ready(process, http_port)
         async with httpx.AsyncClient(timeout=2) as http:
-            while True:
-                assert process.poll() is None
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await http.get(f"http://127.0.0.1:{http_port}/readyz")).status_code == 200:
-                        break
-                await asyncio.sleep(0.2)
             await asyncio.sleep(3)
             idle = snapshot(process.pid)
             workers_mb = [round(w) for w in idle[1]]

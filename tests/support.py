@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
+import subprocess
 import sys
 import time
 import wave
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 import numpy as np
 import numpy.typing as npt
 import redis.asyncio as aioredis
@@ -139,6 +142,20 @@ def serve_command(redis_url: str, key_prefix: str, http_port: int, rtp_port: int
         "--rtp-port-range", free_port_range(),
         *extra,
     ]  # fmt: skip
+
+
+async def wait_serve_ready(process: subprocess.Popen[bytes], http_port: int, timeout: float = 90) -> None:
+    """Until a `callscribe serve` subprocess answers /readyz with 200 (it failing or exiting
+    first fails the caller)."""
+    async with httpx.AsyncClient(timeout=2) as http:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert process.poll() is None, f"callscribe serve exited with {process.returncode}"
+            assert time.monotonic() < deadline, f"callscribe serve not ready in {timeout:.0f} s"
+            with contextlib.suppress(httpx.HTTPError):
+                if (await http.get(f"http://127.0.0.1:{http_port}/readyz")).status_code == 200:
+                    return
+            await asyncio.sleep(0.2)
 
 
 def vllm_server_command(model: str, port: int) -> list[str]:

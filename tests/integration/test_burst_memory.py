@@ -6,16 +6,14 @@ after the burst, and the global auto-leg cap holds."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 
 from bench.burst_rss import burst, snapshot, total
-from tests.support import REDIS_URL, free_port, serve_command
+from tests.support import REDIS_URL, free_port, serve_command, wait_serve_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,14 +31,8 @@ async def test_burst_from_500_sources_returns_to_idle_rss_within_a_minute(key_pr
         },
     )
     try:
+        await wait_serve_ready(process, http_port)
         async with httpx.AsyncClient(timeout=5) as http:
-            deadline = time.monotonic() + 90
-            while True:
-                assert process.poll() is None and time.monotonic() < deadline, "serve not ready"
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await http.get(f"http://127.0.0.1:{http_port}/readyz")).status_code == 200:
-                        break
-                await asyncio.sleep(0.2)
             await asyncio.sleep(3)
             idle = snapshot(process.pid)
             assert len(idle[1]) >= 1 and all(idle[1]), f"no sphinx worker found: {idle}"

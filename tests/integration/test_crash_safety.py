@@ -16,14 +16,13 @@ import time
 import wave
 from pathlib import Path
 
-import httpx
 import pytest
 import redis.asyncio as aioredis
 
 from callscribe.bridge.rtp.sender import send_wav
 from callscribe.events import EventType, TranscriptEvent
 from tests.integration.test_faults import RedisServer, finals_in_redis, speech_wav
-from tests.support import free_port, serve_command
+from tests.support import free_port, serve_command, wait_serve_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 LEASE_SEC = 3
@@ -62,18 +61,6 @@ def start_serve(redis_url: str, prefix: str, spool: Path) -> tuple[subprocess.Po
         },
     )
     return process, http_port, rtp_port
-
-
-async def wait_ready(process: subprocess.Popen[bytes], http_port: int) -> None:
-    async with httpx.AsyncClient(timeout=2) as http:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, f"callscribe serve exited with {process.returncode}"
-            assert time.monotonic() < deadline, "callscribe serve not ready in 90 s"
-            with contextlib.suppress(httpx.HTTPError):
-                if (await http.get(f"http://127.0.0.1:{http_port}/readyz")).status_code == 200:
-                    return
-            await asyncio.sleep(0.2)
 
 
 def long_speech_wav(directory: Path) -> Path:
@@ -116,7 +103,7 @@ async def test_sigkill_mid_call_ends_call_on_restart_and_loses_no_final(
     first, http_port, rtp_port = start_serve(server.url, prefix, spool)
     second: subprocess.Popen[bytes] | None = None
     try:
-        await wait_ready(first, http_port)
+        await wait_serve_ready(first, http_port)
         sender = asyncio.create_task(send_wav(wav, "127.0.0.1", rtp_port, codec="pcmu"))
         deadline = time.monotonic() + 60
         while not await finals_in_redis(client, prefix):
@@ -147,7 +134,7 @@ async def test_sigkill_mid_call_ends_call_on_restart_and_loses_no_final(
             client = aioredis.from_url(server.url)
 
         second, http_port, _ = start_serve(server.url, prefix, spool)
-        await wait_ready(second, http_port)
+        await wait_serve_ready(second, http_port)
         (call_id,) = {call for call, _leg, _utt in await finals_in_redis(client, prefix)}
         deadline = time.monotonic() + LEASE_SEC * 4 + 20
         while True:

@@ -21,7 +21,15 @@ import redis.asyncio as aioredis
 
 from callscribe.bridge.rtp.sender import send_wav
 from callscribe.events import EventType, TranscriptEvent
-from tests.support import CLIPS, REDIS_URL, ServiceFactory, free_port, load_clip, serve_command
+from tests.support import (
+    CLIPS,
+    REDIS_URL,
+    ServiceFactory,
+    free_port,
+    load_clip,
+    serve_command,
+    wait_serve_ready,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 FinalKey = tuple[str, str, int]
@@ -189,15 +197,7 @@ async def serve_process(
         },
     )
     try:
-        async with httpx.AsyncClient(timeout=2) as http:
-            deadline = time.monotonic() + 90
-            while True:
-                assert process.poll() is None, f"callscribe serve exited with {process.returncode}"
-                assert time.monotonic() < deadline, "callscribe serve not ready in 90 s"
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await http.get(f"http://127.0.0.1:{http_port}/readyz")).status_code == 200:
-                        break
-                await asyncio.sleep(0.2)
+        await wait_serve_ready(process, http_port)
         yield process, http_port, rtp_port
     finally:
         if process.poll() is None:
