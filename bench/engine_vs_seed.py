@@ -13,7 +13,7 @@ decodes the open utterance only, and every leg's request goes to the engine at o
       utterance to its final (the moment the audio that closed it was fed)
   (d) a stronger seed baseline on the same 16 legs: the seed's loop reset at every VAD
       utterance (the same segmenter as callscribe), its finish decode as the utterance's
-      final, and on both sides every hypothesis capped at a realistic length (16 tokens of
+      final, and on both sides every hypothesis capped at a realistic length (8 tokens of
       header + 5 per audio second, as a real Qwen3-ASR writes 3-5): the random weights
       otherwise always hit the cap, and the seed's prefix grows ~27 tokens per chunk
 
@@ -111,7 +111,8 @@ class SeedLoop:
             "<|im_start|>assistant\n"
         )
         self.ids = 0
-        # (d): the whole hypothesis (prefix + output) capped at 16 + tokens_per_sec per audio second.
+        # (d): the whole hypothesis (prefix + output) capped like callscribe's finals:
+        # FINAL_TOKENS_BASE + tokens_per_sec per audio second.
         self.tokens_per_sec = tokens_per_sec
 
     def new_stream(self) -> SeedStream:
@@ -138,7 +139,10 @@ class SeedLoop:
         self.ids += 1
         max_tokens = self.max_tokens
         if self.tokens_per_sec is not None:
-            room = 16 + int(np.ceil(state.audio_accum.size / SAMPLE_RATE * self.tokens_per_sec))
+            from callscribe.engine.qwen3.streaming import FINAL_TOKENS_BASE
+
+            seconds = state.audio_accum.size / SAMPLE_RATE
+            room = FINAL_TOKENS_BASE + int(np.ceil(seconds * self.tokens_per_sec))
             used = len(self.backend.tokenizer.encode(prefix)) if prefix else 0
             max_tokens = max(1, min(self.max_tokens, max(state.unfixed_token_num, room - used)))
         request = DecodeRequest(
@@ -268,7 +272,7 @@ async def run(args: argparse.Namespace) -> None:
     speech = load_speech()
     # The seed's prompts grow to the whole leg (5 min: ~3900 audio tokens plus the prefix),
     # beyond vLLM's default encoder cache (2048 tokens): raise it so the seed can run at all.
-    engine_args = {"max_num_seqs": 32, "max_model_len": 8192, "max_num_batched_tokens": 8192}
+    engine_args: dict[str, Any] = {"max_num_seqs": 32, "max_model_len": 8192, "max_num_batched_tokens": 8192}
     if args.model is None:
         engine_args |= {"load_format": "dummy", "dtype": "float32", "enforce_eager": True}
     for item in args.vllm_arg:

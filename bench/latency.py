@@ -181,6 +181,26 @@ def monologue(seconds: float, max_pause_ms: int) -> np.ndarray:
     return np.concatenate(keep)[: int(seconds * SAMPLE_RATE)]
 
 
+def staggered_legs(legs: int, seconds: float, stagger_sec: float) -> list[np.ndarray]:
+    """`legs` legs of `seconds` of speech each (the clips from a different point per leg),
+    leg i starting `i * stagger_sec` after leg 0, as calls answered one after another: with
+    0, every leg starts and stops in the same 20 ms frame, a burst no real call mix has.
+    All legs have the same length (1 s of silence after the last one's speech)."""
+    speech = load_speech()
+    lead = [round(i * stagger_sec * SAMPLE_RATE) for i in range(legs)]
+    tail = max(lead) + SAMPLE_RATE
+    return [
+        np.concatenate(
+            [
+                np.zeros(lead[i], np.float32),
+                leg_audio(speech, seconds, i * 37 * SAMPLE_RATE // 10),
+                np.zeros(tail - lead[i], np.float32),
+            ]
+        )
+        for i in range(legs)
+    ]
+
+
 # -- vLLM /v1/realtime ---------------------------------------------------------------------
 
 
@@ -310,7 +330,6 @@ def measure_realtime(
 
 
 async def run(args: argparse.Namespace) -> None:
-    from callscribe.engine.base import Final
     from callscribe.engine.qwen3.local import LocalQwen3Engine
     from callscribe.engine.qwen3.streaming import StreamingConfig
     from callscribe.engine.segmenter import SegmenterConfig
@@ -320,29 +339,6 @@ async def run(args: argparse.Namespace) -> None:
         runpy.run_path(str(SHARED / "tools" / "make_tiny_qwen3_asr.py"), run_name="__not_main__")["main"](
             Path(model)
         )
-    server = None
-    realtime_url = args.realtime_url
-    if realtime_url is None and not args.no_realtime:
-        port = free_port()
-        server = start_realtime_server(model, port, Path(args.server_log))
-        realtime_url = f"http://127.0.0.1:{port}"
-    try:
-        await _run(args, model, realtime_url, LocalQwen3Engine, StreamingConfig, SegmenterConfig, Final)
-    finally:
-        if server is not None:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(30)
-
-
-async def _run(
-    args: argparse.Namespace,
-    model: str,
-    realtime_url: str | None,
-    LocalQwen3Engine: Any,
-    StreamingConfig: Any,
-    SegmenterConfig: Any,
-    Final: Any,
-) -> None:
     engine_args = {
         "max_num_seqs": 32,
         "max_model_len": 4096,
@@ -357,26 +353,65 @@ async def _run(
         final_tokens_per_sec=5.0, first_chunk_sec=None, partial_window_sec=None, partial_passes=None,
         segmenter=SegmenterConfig(end_silence_ms=600, tail_ms=200, speculate_silence_ms=None),
     )  # fmt: skip
+    audios = staggered_legs(args.legs, args.seconds, args.stagger_sec)
+    flags = [vad_flags(a) for a in audios]
+
+    # callscribe first, then the peer: each side has the machine to itself while measured.
     engine = LocalQwen3Engine(model, engine_args, ours)
     t0 = time.monotonic()
     await engine.start()
     print(f"engine started in {time.monotonic() - t0:.0f}s", file=sys.stderr)
+    try:
+        ours_run = await measure_ours(engine, ours, classic, audios, flags, args)
+    finally:
+        await engine.close()
 
-    speech = load_speech()
-    audios = [
-        np.concatenate(
-            [leg_audio(speech, args.seconds, i * 37 * SAMPLE_RATE // 10), np.zeros(SAMPLE_RATE, np.float32)]
-        )
-        for i in range(args.legs)
-    ]
-    flags = [vad_flags(a) for a in audios]
+    rt: tuple[list[float], list[float], float, list[int]] = ([], [], float("nan"), [])
+    if not args.no_realtime:
+        server = None
+        realtime_url = args.realtime_url
+        if realtime_url is None:
+            port = free_port()
+            server = start_realtime_server(model, port, Path(args.server_log))
+            realtime_url = f"http://127.0.0.1:{port}"
+        try:
+            rt = await measure_realtime_side(realtime_url, audios, flags, ours_run.utterances)
+        finally:
+            if server is not None:
+                os.killpg(server.pid, signal.SIGTERM)
+                server.wait(30)
+    report(ours_run, rt, args)
+
+
+@dataclass
+class OursRun:
+    """callscribe's and the classic cadence's figures from one engine."""
+
+    results: dict[str, tuple[list[float], list[float], int, dict[str, int]]]
+    utterances: list[list[tuple[int, int]]]  # per leg: (onset, last speech frame) of each final
+    passes: float
+    passes_classic: float
+    passes_paused: float
+    realtime_tokens_per_s: float
+
+
+async def measure_ours(
+    engine: Any,
+    ours: Any,
+    classic: Any,
+    audios: list[np.ndarray],
+    flags: list[np.ndarray],
+    args: argparse.Namespace,
+) -> OursRun:
+    from callscribe.engine.base import Final
+
     await run_callscribe(engine, ours, [audios[0][: 4 * SAMPLE_RATE]], [flags[0][:200]], "warmup")
-
-    results: dict[str, Any] = {}
+    results: dict[str, tuple[list[float], list[float], int, dict[str, int]]] = {}
+    utterances: list[list[tuple[int, int]]] = []
     for name, config in (("callscribe", ours), ("classic", classic)):
         runs, delta = await run_callscribe(engine, config, audios, flags, name)
         finals_ms, first_ms, count, short_ms = measure_callscribe(runs)
-        results[name] = (finals_ms, first_ms, count, delta, runs)
+        results[name] = (finals_ms, first_ms, count, delta)
         print(
             f"{name}: final after speech p50/p95 {p50_95(finals_ms)} ms ({len(short_ms)} utterances of "
             f"<= 3 s speech: {p50_95(short_ms)} ms), first text p50/p95 "
@@ -384,6 +419,15 @@ async def _run(
             f"{delta['audio_tokens'] / (args.legs * args.seconds):.1f} audio tokens/audio s, {delta}",
             file=sys.stderr,
         )
+        if name == "callscribe":
+            for run in runs:
+                spans = []
+                for _, event in run.events:
+                    if isinstance(event, Final):
+                        span = speech_span(run.flags, event.start_ms, event.end_ms)
+                        if span is not None and span[1] < len(run.sent):
+                            spans.append(span)
+                utterances.append(spans)
     passes, monologue_finals = await passes_on_monologue(engine, ours)
     passes_classic, _ = await passes_on_monologue(engine, classic)
     passes_paused, paused_finals = await passes_on_monologue(engine, ours, 160)
@@ -400,37 +444,39 @@ async def _run(
     probe = await engine.admission.backend.decode(
         DecodeRequest("probe/u0/final", "final", build_prompt(), audios[0][: 5 * SAMPLE_RATE], 1), 0
     )
-    realtime_tokens_per_s = probe.audio_tokens / REALTIME_SEGMENT_SEC
-    await engine.close()
+    return OursRun(
+        results, utterances, passes, passes_classic, passes_paused, probe.audio_tokens / REALTIME_SEGMENT_SEC
+    )
 
-    rt: tuple[list[float], list[float], float, list[int]] = ([], [], float("nan"), [])
-    if realtime_url is not None:
-        served = await wait_ready(realtime_url, 300)
-        utterances = []
-        for run in results["callscribe"][4]:
-            spans = []
-            for _, event in run.events:
-                if isinstance(event, Final):
-                    span = speech_span(run.flags, event.start_ms, event.end_ms)
-                    if span is not None and span[1] < len(run.sent):
-                        spans.append(span)
-            utterances.append(spans)
-        # Warm-up session, then the measured one.
-        await run_realtime(realtime_url, served, [audios[0][: 6 * SAMPLE_RATE]], [flags[0][:300]])
-        legs = await run_realtime(realtime_url, served, audios, flags)
-        errors = [e for leg in legs for e in leg.errors]
-        counts = sorted({len(leg.deltas) for leg in legs})
-        print(f"realtime: deltas per leg {counts}, errors {errors[:3]}", file=sys.stderr)
-        rt = measure_realtime(legs, utterances)
-        print(
-            f"realtime: final after speech p50/p95 {p50_95(rt[0])} ms, "
-            f"first text p50/p95 {p50_95(rt[1])} ms, "
-            f"boundaries in speech {rt[2]:.2f}, tokens per segment min/max {min(rt[3])}/{max(rt[3])}",
-            file=sys.stderr,
-        )
 
-    finals_ms, first_ms, count, delta, _ = results["callscribe"]
-    c_finals_ms, c_first_ms, c_count, c_delta, _ = results["classic"]
+async def measure_realtime_side(
+    realtime_url: str,
+    audios: list[np.ndarray],
+    flags: list[np.ndarray],
+    utterances: list[list[tuple[int, int]]],
+) -> tuple[list[float], list[float], float, list[int]]:
+    served = await wait_ready(realtime_url, 300)
+    # Warm-up session, then the measured one.
+    await run_realtime(realtime_url, served, [audios[0][: 6 * SAMPLE_RATE]], [flags[0][:300]])
+    legs = await run_realtime(realtime_url, served, audios, flags)
+    errors = [e for leg in legs for e in leg.errors]
+    counts = sorted({len(leg.deltas) for leg in legs})
+    print(f"realtime: deltas per leg {counts}, errors {errors[:3]}", file=sys.stderr)
+    rt = measure_realtime(legs, utterances)
+    print(
+        f"realtime: final after speech p50/p95 {p50_95(rt[0])} ms, "
+        f"first text p50/p95 {p50_95(rt[1])} ms, "
+        f"boundaries in speech {rt[2]:.2f}, tokens per segment min/max {min(rt[3])}/{max(rt[3])}",
+        file=sys.stderr,
+    )
+    return rt
+
+
+def report(
+    ours: OursRun, rt: tuple[list[float], list[float], float, list[int]], args: argparse.Namespace
+) -> None:
+    finals_ms, first_ms, count, delta = ours.results["callscribe"]
+    c_finals_ms, c_first_ms, c_count, c_delta = ours.results["classic"]
     audio_s = args.legs * args.seconds
     tokens, c_tokens = delta["audio_tokens"], c_delta["audio_tokens"]
     spec = "/".join(str(delta[k]) for k in ("speculative_started", "speculative_used", "speculative_aborted"))
@@ -439,18 +485,18 @@ async def _run(
         f"{percentile(finals_ms, 95):.0f} ms; first text p95 {percentile(c_first_ms, 95):.0f} -> "
         f"{percentile(first_ms, 95):.0f} ms; finals {c_count} -> {count} (x{count / max(1, c_count):.2f}); "
         f"audio tokens {c_tokens} -> {tokens} (x{tokens / max(1, c_tokens):.2f}); "
-        f"passes on the monologue {passes_classic:.2f} -> {passes:.2f} "
-        f"({passes_paused:.2f} with 160 ms pauses); "
+        f"passes on the monologue {ours.passes_classic:.2f} -> {ours.passes:.2f} "
+        f"({ours.passes_paused:.2f} with 160 ms pauses); "
         f"speculative finals started/used/aborted {spec}"
     )
     print(
         f"RESULT final_after_speech_p95_ms={percentile(finals_ms, 95):.0f} "
         f"first_partial_p95_ms={percentile(first_ms, 95):.0f} "
-        f"passes_per_utt_20s={passes:.2f} "
+        f"passes_per_utt_20s={ours.passes:.2f} "
         f"realtime_final_after_speech_p95_ms={percentile(rt[0], 95):.0f} "
         f"realtime_first_text_p95_ms={percentile(rt[1], 95):.0f} "
         f"tokens_per_audio_s={delta['audio_tokens'] / audio_s:.1f} "
-        f"realtime_tokens_per_audio_s={realtime_tokens_per_s:.1f} "
+        f"realtime_tokens_per_audio_s={ours.realtime_tokens_per_s:.1f} "
         f"realtime_boundaries_in_speech={rt[2]:.2f}"
     )
 
@@ -459,6 +505,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--legs", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20.0, help="speech per leg (then 1 s of silence)")
+    parser.add_argument(
+        "--stagger-sec",
+        type=float,
+        default=0.25,
+        help="leg i starts i times this after leg 0 (0: all together)",
+    )
     parser.add_argument("--realtime-url", help="a running `vllm serve` with the realtime architecture")
     parser.add_argument("--no-realtime", action="store_true", help="skip the /v1/realtime side")
     parser.add_argument("--server-log", default="/tmp/callscribe-bench-realtime.log")

@@ -97,6 +97,7 @@ class UtteranceSegmenter:
         self._frames: list[Audio] = []  # the open utterance, frame by frame
         self._energy: list[float] = []
         self._start_sample = 0
+        self._preroll_frames = 0  # frames the open utterance held when it opened (before the onset)
         self._silence_run = 0
         self._last_speech = -1  # frame index (in the open utterance) of its last speech frame
         self._next_utt = 0
@@ -117,6 +118,13 @@ class UtteranceSegmenter:
     @property
     def open_samples(self) -> int:
         return len(self._frames) * FRAME_SAMPLES
+
+    @property
+    def open_preroll_samples(self) -> int:
+        """Samples of the open utterance from before it opened: its pre-roll, shorter than
+        `pre_roll_ms` when the leg or the previous utterance ended less than that before the
+        onset, none after a window cut (the utterance goes on mid-speech)."""
+        return self._preroll_frames * FRAME_SAMPLES if self._frames else 0
 
     def open_audio(self) -> Audio:
         """A copy of the open utterance's audio so far (empty when none is open)."""
@@ -188,6 +196,7 @@ class UtteranceSegmenter:
         self._energy = [float(np.sqrt(np.mean(f * f))) for f in self._frames]
         self._start_sample = self._position + FRAME_SAMPLES - len(self._frames) * FRAME_SAMPLES
         self._last_speech = len(self._frames) - 1
+        self._preroll_frames = len(self._frames)
         self._silence_run = 0
         self._idle.clear()
         self._idle_voiced.clear()
@@ -219,6 +228,7 @@ class UtteranceSegmenter:
         utterance = Utterance(self._next_utt, np.concatenate(head), start, "window")
         self._next_utt += 1
         self._frames, self._energy = rest, rest_energy
+        self._preroll_frames = 0
         self._start_sample = start + cut * FRAME_SAMPLES
         self._last_speech = max(0, last_speech)
         return utterance

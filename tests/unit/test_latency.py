@@ -31,7 +31,7 @@ from tests.unit.test_segmenter import EnergyDetector, silence, tone
 
 # Speculate at 120 ms of pause, confirm at 260 ms (explicit: the defaults are tuned by the bench).
 FAST = SegmenterConfig(end_silence_ms=260, tail_ms=120, speculate_silence_ms=120)
-LATENCY = {"segmenter": FAST, "first_chunk_sec": 0.8, "partial_window_sec": 4.0, "partial_passes": 1.5}
+LATENCY = {"segmenter": FAST, "first_chunk_sec": 0.5, "partial_window_sec": 4.0, "partial_passes": 1.5}
 
 
 async def feed_frames(stream: object, audio: Audio, step_sec: float = 0.02) -> None:
@@ -127,9 +127,23 @@ async def test_first_partial_comes_after_the_short_first_chunk() -> None:
     await feed_frames(stream, np.concatenate([silence(0.5), tone(1.2)]))
     partials = [c for c in backend.calls if c.request.kind == "partial"]
     partial_secs = [seconds_of(c.request) for c in partials]
+    # 0.3 s of pre-roll (the onset's 3 frames included), then first_chunk_sec.
     assert partial_secs and partial_secs[0] == pytest.approx(0.8, abs=0.02)
     assert partials[0].priority == FINAL_PRIORITY  # the first words go with the finals
     assert out.partials and out.partials[0].end_ms - out.partials[0].start_ms == pytest.approx(800, abs=20)
+    await stream.finish()
+
+
+async def test_first_chunk_counts_from_the_onset_when_the_pre_roll_is_short() -> None:
+    """A leg that starts mid-speech (or an utterance right after another) has little
+    pre-roll: its first partial must not wait for the missing pre-roll."""
+    backend = ScriptedBackend(count_words)
+    out = Collector()
+    stream = make_engine(backend, **LATENCY).open_stream("c", "a", out)
+    await feed_frames(stream, tone(1.2))
+    partials = [c.request for c in backend.calls if c.request.kind == "partial"]
+    # Opened at its third speech frame (60 ms of pre-roll), then first_chunk_sec.
+    assert partials and seconds_of(partials[0]) == pytest.approx(0.56, abs=0.02)
     await stream.finish()
 
 
@@ -160,6 +174,11 @@ def test_window_and_budget_settings_are_checked() -> None:
     config = StreamingConfig(first_chunk_sec=0.8, chunk_size_sec=2.0)
     seconds = (0.7, 0.8, 2.7, 2.8, 4.8)
     assert [config.chunk_boundaries(int(s * SAMPLE_RATE)) for s in seconds] == [0, 1, 1, 2, 3]
+    preroll = int(0.3 * SAMPLE_RATE)  # the first chunk counts from the opening
+    assert [config.chunk_boundaries(int(s * SAMPLE_RATE), preroll) for s in (1.0, 1.1, 3.1)] == [0, 1, 2]
+    seed_cadence = StreamingConfig(first_chunk_sec=None, chunk_size_sec=2.0)
+    assert seed_cadence.chunk_boundaries(int(1.9 * SAMPLE_RATE), preroll) == 0  # pre-roll included
+    assert seed_cadence.chunk_boundaries(int(2.0 * SAMPLE_RATE), preroll) == 1
 
 
 class _NoTokenizer:

@@ -1,7 +1,7 @@
 """The streaming algorithm for Qwen3-ASR, independent of how decodes reach the model.
 
 Per leg (`Qwen3LegStream`): VAD segments the leg into utterances; the first partial comes
-after `first_chunk_sec` of the open utterance, then one every `chunk_size_sec`; a partial
+`first_chunk_sec` after the utterance opened, then one every `chunk_size_sec`; a partial
 decodes at most the last `partial_window_sec` of the utterance's audio, continuing after the
 seed's rollback prefix (the committed text stands for the audio before the window), and
 partials together decode at most `partial_passes` times the utterance's audio (a partial
@@ -68,8 +68,10 @@ log = logging.getLogger(__name__)
 
 FINAL_PRIORITY = 0  # vLLM serves lower values first
 PARTIAL_PRIORITY = 1
-# Room for the `language X<asr_text>` header and a short utterance.
-_FINAL_TOKENS_BASE = 16
+# Room for the `language X<asr_text>` header (3 tokens for most languages) and a short word:
+# a model that stops writes far less, one that never stops is cut sooner (a final's time
+# after the speech is mostly its output tokens, one decode step each).
+FINAL_TOKENS_BASE = 8
 _PREVIOUS_FINAL_CHARS = 200
 
 
@@ -80,9 +82,10 @@ class StreamingConfig:
     unfixed_chunk_num: int = 2
     unfixed_token_num: int = 5
     chunk_size_sec: float = 2.0
-    # The first partial of an utterance after this much of it (pre-roll included), so the
-    # first words show within ~0.5 s of the onset; None: after chunk_size_sec like the rest.
-    first_chunk_sec: float | None = 0.6
+    # The first partial of an utterance this long after it opened (its pre-roll comes on top,
+    # whatever there was of it), so the first words show within ~0.5 s of the onset; None:
+    # after chunk_size_sec of the utterance, pre-roll included, like the seed.
+    first_chunk_sec: float | None = 0.3
     # A partial decodes at most this much audio: the utterance's end; None: all of it.
     partial_window_sec: float | None = 4.0
     # All partials of an utterance together decode at most this many times its audio so far;
@@ -116,16 +119,13 @@ class StreamingConfig:
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be > 0 or None, got {value}")
 
-    @property
-    def first_chunk_samples(self) -> int:
+    def chunk_boundaries(self, open_samples: int, preroll_samples: int = 0) -> int:
+        """Partial boundaries an utterance of `open_samples` (`preroll_samples` of them from
+        before it opened) has crossed: the first chunk, then every chunk_size_sec after it."""
         if self.first_chunk_sec is None:
-            return self.chunk_samples
-        return max(1, round(self.first_chunk_sec * SAMPLE_RATE))
-
-    def chunk_boundaries(self, open_samples: int) -> int:
-        """Partial boundaries an utterance of `open_samples` has crossed: the first chunk,
-        then every chunk_size_sec after it."""
-        first = self.first_chunk_samples
+            first = self.chunk_samples
+        else:
+            first = preroll_samples + max(1, round(self.first_chunk_sec * SAMPLE_RATE))
         if open_samples < first:
             return 0
         return 1 + (open_samples - first) // self.chunk_samples
@@ -146,7 +146,7 @@ class StreamingConfig:
 
     def final_tokens(self, audio_samples: int) -> int:
         seconds = audio_samples / SAMPLE_RATE
-        return min(self.final_max_tokens, _FINAL_TOKENS_BASE + math.ceil(seconds * self.final_tokens_per_sec))
+        return min(self.final_max_tokens, FINAL_TOKENS_BASE + math.ceil(seconds * self.final_tokens_per_sec))
 
 
 def rollback_prefix(raw: str, tokenizer: Tokenizer, unfixed_token_num: int) -> str:
@@ -399,7 +399,9 @@ class Qwen3LegStream(LegStream):
     def _on_audio(self) -> None:
         if not self._segmenter.is_open:
             return
-        boundaries = self._config.chunk_boundaries(self._segmenter.open_samples)
+        boundaries = self._config.chunk_boundaries(
+            self._segmenter.open_samples, self._segmenter.open_preroll_samples
+        )
         if boundaries > self._chunks_seen:
             self._chunks_seen = boundaries
             if not self._due and not self._fits_budget():
