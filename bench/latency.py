@@ -160,6 +160,7 @@ async def passes_on_monologue(engine: Any, config: Any, max_pause_ms: int = 60) 
     from callscribe.engine.base import Final
 
     finals = sum(isinstance(e, Final) for _, e in runs[0].events)
+    print(f"monologue, pauses up to {max_pause_ms} ms: {delta}", file=sys.stderr)
     return delta["audio_tokens"] / max(1, delta["final_audio_tokens"]), finals
 
 

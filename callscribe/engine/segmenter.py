@@ -133,6 +133,11 @@ class UtteranceSegmenter:
         return np.concatenate(self._frames)
 
     @property
+    def pause_ms(self) -> int:
+        """How long the open utterance's current pause is (0 while speech goes on)."""
+        return self._silence_run * FRAME_MS if self._frames else 0
+
+    @property
     def ending_end_sample(self) -> int | None:
         """Where the open utterance will end if it closes at the current pause: set once the
         pause reaches `speculate_silence_ms`, None while speech goes on (cheap, no copy)."""

@@ -120,6 +120,29 @@ async def test_speculative_final_aborted_by_resumed_speech_gives_one_final_with_
     assert engine.stats.speculative_used in (0, 1)  # the second pause's speculation may be the final
 
 
+async def test_pauses_a_speaker_resumed_after_twice_are_not_speculated_on_again() -> None:
+    """Phrase pauses between the speculation point and the confirmation: each speculation
+    is aborted and wastes a pass. After the second, a pause no longer than those is not
+    speculated on; a longer one (the real end) still is, and it is the one final."""
+    backend = ScriptedBackend(count_words)
+    out = Collector()
+    engine = make_engine(backend, **LATENCY, speculation_passes=None)  # this rule alone
+    stream = engine.open_stream("c", "a", out)
+    phrase = np.concatenate([tone(1.0), silence(0.16)])  # 160 ms: past 120, short of 260
+    await feed_frames(stream, np.concatenate([silence(0.5), phrase, phrase]))
+    assert engine.stats.speculative_started == 2
+    await feed_frames(stream, np.concatenate([phrase, phrase, tone(1.0)]))
+    assert engine.stats.speculative_started == 2  # two more 160 ms pauses: none
+    assert engine.stats.speculative_skipped >= 2
+    await feed_frames(stream, silence(0.3))  # the end: longer than any pause before
+    await stream.finish()
+    assert engine.stats.speculative_started == 3 and engine.stats.speculative_used == 1
+    assert "f" not in kinds_of(backend)  # the speculation was the final
+    assert len(out.finals) == 1 and engine.stats.finals_completed == 1  # aborted ones are no finals
+    spoken = (out.finals[0].end_ms - out.finals[0].start_ms) / 1000
+    assert len(out.finals[0].text.split()) == int(spoken * 2)
+
+
 async def test_first_partial_comes_after_the_short_first_chunk() -> None:
     backend = ScriptedBackend(count_words)
     out = Collector()

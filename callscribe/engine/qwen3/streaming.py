@@ -62,7 +62,7 @@ from callscribe.engine.qwen3.backend import (
 )
 from callscribe.engine.qwen3.prompt import build_prompt, language_name, parse_output
 from callscribe.engine.segmenter import SegmenterConfig, Utterance, UtteranceSegmenter
-from callscribe.engine.vad import SpeechDetector
+from callscribe.engine.vad import FRAME_MS, SpeechDetector
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,8 @@ class DecodeStats:
     speculative_started: int = 0
     speculative_used: int = 0  # published as the utterance's final
     speculative_aborted: int = 0  # speech resumed (or the utterance closed otherwise)
-    speculative_skipped: int = 0  # pauses not speculated on: speculation_passes spent
+    # Pauses not speculated on: speculation_passes spent, or no longer than one speech resumed after.
+    speculative_skipped: int = 0
     decode_errors: int = 0
     prompt_tokens: int = 0
     audio_tokens: int = 0
@@ -260,7 +261,8 @@ class DecodeAdmission:
 
     async def decode_final(self, request: DecodeRequest, speculative: bool = False) -> DecodeResult:
         """A final's decode (finals priority); a speculative one is counted as a final only
-        when it completes (an aborted one is cost, recorded, but no final)."""
+        when it is published (`count_final`): an aborted or dropped one is cost, recorded,
+        but no final."""
         self._finals_in_flight += 1
         try:
             result = await self.backend.decode(request, FINAL_PRIORITY)
@@ -269,12 +271,14 @@ class DecodeAdmission:
             if not self.backend.priority_scheduling:
                 self._wake_one()
         self.stats.record(request, result)
-        if not result.aborted:
-            self.stats.finals_completed += 1
-            self.stats.final_audio_tokens += result.audio_tokens
-        elif not speculative:
-            self.stats.finals_completed += 1
+        if not speculative:
+            self.count_final(result)
         return result
+
+    def count_final(self, result: DecodeResult) -> None:
+        self.stats.finals_completed += 1
+        if not result.aborted:
+            self.stats.final_audio_tokens += result.audio_tokens
 
 
 @dataclass
@@ -331,6 +335,11 @@ class Qwen3LegStream(LegStream):
         self._spec: _Speculation | None = None
         self._spec_waste = 0  # samples decoded by this utterance's aborted speculations
         self._spec_skipped_at: int | None = None
+        self._spec_aborts = 0  # this utterance's speculations ended by resumed speech
+        self._spec_pause_ms = 0  # the longest the current speculation's pause has grown
+        # After the second abort, speculate only on a pause longer than the longest pause the
+        # speaker already resumed after (None: at speculate_silence_ms).
+        self._spec_after_ms: int | None = None
         self._background: set[asyncio.Task[DecodeResult | None]] = set()
         # Finals, in order.
         self._finals: asyncio.Queue[tuple[Utterance, _Speculation | None] | None] = asyncio.Queue()
@@ -553,12 +562,16 @@ class Qwen3LegStream(LegStream):
         spec = self._spec
         if spec is not None:
             if end == spec.utterance.end_sample and self._segmenter.open_utt == spec.utterance.utt:
+                self._spec_pause_ms = max(self._spec_pause_ms, self._segmenter.pause_ms)
                 return
             self._drop_speculation()
+            if end is None:
+                self._spec_resumed()
         if end is None or self._closed:
             return
         bound = self._config.speculation_passes
-        if bound is not None and self._spec_waste > bound * self._segmenter.open_samples:
+        spent = bound is not None and self._spec_waste > bound * self._segmenter.open_samples
+        if spent or self._segmenter.pause_ms < (self._spec_after_ms or 0):
             if self._spec_skipped_at != end:
                 self._spec_skipped_at = end
                 self._admission.stats.speculative_skipped += 1
@@ -574,6 +587,16 @@ class Qwen3LegStream(LegStream):
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         self._spec = _Speculation(utterance, request, task)
+        self._spec_pause_ms = self._segmenter.pause_ms
+
+    def _spec_resumed(self) -> None:
+        """Speech came back during a speculation's pause. A speaker who pauses like that once
+        may do it again: from the second time on, pauses no longer than the longest one they
+        resumed after are not speculated on (each would waste a pass of the utterance so
+        far); a longer pause still is, so the utterance's real end keeps its early final."""
+        self._spec_aborts += 1
+        if self._spec_aborts >= 2:
+            self._spec_after_ms = max(self._spec_after_ms or 0, self._spec_pause_ms + FRAME_MS)
 
     async def _run_speculation(self, request: DecodeRequest, utt: int) -> DecodeResult | None:
         """None when it failed or was aborted: the final is then decoded the usual way."""
@@ -622,6 +645,8 @@ class Qwen3LegStream(LegStream):
         self._due = False
         self._partial_audio = 0
         self._spec_waste = 0
+        self._spec_aborts = 0
+        self._spec_after_ms = None
         self._raw = self._committed = ""
         self._held = None
         self._finals_outstanding += 1
@@ -664,6 +689,7 @@ class Qwen3LegStream(LegStream):
         result = await spec.task
         if result is not None:
             self._admission.stats.speculative_used += 1
+            self._admission.count_final(result)
         return result
 
     async def _final(self, utterance: Utterance, spec: _Speculation | None = None) -> None:
