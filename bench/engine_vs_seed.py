@@ -117,7 +117,10 @@ class SeedLoop:
         self.ids = 0
         # (d): the whole hypothesis (prefix + output) capped like callscribe's finals:
         # FINAL_TOKENS_BASE + tokens_per_sec per audio second.
+        from callscribe.engine.qwen3.streaming import FINAL_TOKENS_BASE
+
         self.tokens_per_sec = tokens_per_sec
+        self.tokens_base = FINAL_TOKENS_BASE
 
     def new_stream(self) -> SeedStream:
         return SeedStream(self.prompt_raw)
@@ -143,10 +146,8 @@ class SeedLoop:
         self.ids += 1
         max_tokens = self.max_tokens
         if self.tokens_per_sec is not None:
-            from callscribe.engine.qwen3.streaming import FINAL_TOKENS_BASE
-
             seconds = state.audio_accum.size / SAMPLE_RATE
-            room = FINAL_TOKENS_BASE + int(np.ceil(seconds * self.tokens_per_sec))
+            room = self.tokens_base + int(np.ceil(seconds * self.tokens_per_sec))
             used = len(self.backend.tokenizer.encode(prefix)) if prefix else 0
             max_tokens = max(1, min(self.max_tokens, max(state.unfixed_token_num, room - used)))
         request = DecodeRequest(

@@ -99,6 +99,7 @@ class UtteranceSegmenter:
         self._start_sample = 0
         self._preroll_frames = 0  # frames the open utterance held when it opened (before the onset)
         self._silence_run = 0
+        self._longest_pause = 0  # frames: the longest pause in the open utterance speech ended
         self._last_speech = -1  # frame index (in the open utterance) of its last speech frame
         self._next_utt = 0
 
@@ -136,6 +137,11 @@ class UtteranceSegmenter:
     def pause_ms(self) -> int:
         """How long the open utterance's current pause is (0 while speech goes on)."""
         return self._silence_run * FRAME_MS if self._frames else 0
+
+    @property
+    def longest_pause_ms(self) -> int:
+        """The longest pause inside the open utterance that speech resumed after."""
+        return self._longest_pause * FRAME_MS if self._frames else 0
 
     @property
     def ending_end_sample(self) -> int | None:
@@ -186,6 +192,7 @@ class UtteranceSegmenter:
         self._frames.append(frame)
         self._energy.append(float(np.sqrt(np.mean(frame * frame))))
         if speech:
+            self._longest_pause = max(self._longest_pause, self._silence_run)
             self._silence_run = 0
             self._last_speech = len(self._frames) - 1
         else:
@@ -202,7 +209,7 @@ class UtteranceSegmenter:
         self._start_sample = self._position + FRAME_SAMPLES - len(self._frames) * FRAME_SAMPLES
         self._last_speech = len(self._frames) - 1
         self._preroll_frames = len(self._frames)
-        self._silence_run = 0
+        self._silence_run = self._longest_pause = 0
         self._idle.clear()
         self._idle_voiced.clear()
 
@@ -233,7 +240,7 @@ class UtteranceSegmenter:
         utterance = Utterance(self._next_utt, np.concatenate(head), start, "window")
         self._next_utt += 1
         self._frames, self._energy = rest, rest_energy
-        self._preroll_frames = 0
+        self._preroll_frames = self._longest_pause = 0
         self._start_sample = start + cut * FRAME_SAMPLES
         self._last_speech = max(0, last_speech)
         return utterance

@@ -69,6 +69,7 @@ def test_segmenter_withdraws_the_offer_when_speech_resumes() -> None:
     assert segmenter.ending_end_sample is not None
     segmenter.push(tone(0.1))
     assert segmenter.ending_end_sample is None and segmenter.is_open
+    assert segmenter.longest_pause_ms == 200  # the pause speech resumed after
 
 
 def test_speculation_must_sit_between_tail_and_end() -> None:

@@ -62,7 +62,7 @@ from callscribe.engine.qwen3.backend import (
 )
 from callscribe.engine.qwen3.prompt import build_prompt, language_name, parse_output
 from callscribe.engine.segmenter import SegmenterConfig, Utterance, UtteranceSegmenter
-from callscribe.engine.vad import FRAME_MS, SpeechDetector
+from callscribe.engine.vad import SpeechDetector
 
 log = logging.getLogger(__name__)
 
@@ -336,10 +336,6 @@ class Qwen3LegStream(LegStream):
         self._spec_waste = 0  # samples decoded by this utterance's aborted speculations
         self._spec_skipped_at: int | None = None
         self._spec_aborts = 0  # this utterance's speculations ended by resumed speech
-        self._spec_pause_ms = 0  # the longest the current speculation's pause has grown
-        # After the second abort, speculate only on a pause longer than the longest pause the
-        # speaker already resumed after (None: at speculate_silence_ms).
-        self._spec_after_ms: int | None = None
         self._background: set[asyncio.Task[DecodeResult | None]] = set()
         # Finals, in order.
         self._finals: asyncio.Queue[tuple[Utterance, _Speculation | None] | None] = asyncio.Queue()
@@ -562,16 +558,16 @@ class Qwen3LegStream(LegStream):
         spec = self._spec
         if spec is not None:
             if end == spec.utterance.end_sample and self._segmenter.open_utt == spec.utterance.utt:
-                self._spec_pause_ms = max(self._spec_pause_ms, self._segmenter.pause_ms)
                 return
+            # The open utterance's speculation with other bounds: speech came back in the pause
+            # (a closing utterance's speculation was already taken in _close_utterance).
             self._drop_speculation()
-            if end is None:
-                self._spec_resumed()
+            self._spec_aborts += 1
         if end is None or self._closed:
             return
         bound = self._config.speculation_passes
         spent = bound is not None and self._spec_waste > bound * self._segmenter.open_samples
-        if spent or self._segmenter.pause_ms < (self._spec_after_ms or 0):
+        if spent or self._phrase_pause():
             if self._spec_skipped_at != end:
                 self._spec_skipped_at = end
                 self._admission.stats.speculative_skipped += 1
@@ -587,16 +583,13 @@ class Qwen3LegStream(LegStream):
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         self._spec = _Speculation(utterance, request, task)
-        self._spec_pause_ms = self._segmenter.pause_ms
 
-    def _spec_resumed(self) -> None:
-        """Speech came back during a speculation's pause. A speaker who pauses like that once
-        may do it again: from the second time on, pauses no longer than the longest one they
-        resumed after are not speculated on (each would waste a pass of the utterance so
-        far); a longer pause still is, so the utterance's real end keeps its early final."""
-        self._spec_aborts += 1
-        if self._spec_aborts >= 2:
-            self._spec_after_ms = max(self._spec_after_ms or 0, self._spec_pause_ms + FRAME_MS)
+    def _phrase_pause(self) -> bool:
+        """A speaker whose speech came back during a speculation's pause may pause like that
+        again: from the second such abort on, a pause no longer than the longest one speech
+        resumed after in this utterance is not speculated on (each would waste a pass of the
+        utterance so far); a longer pause still is, so the real end keeps its early final."""
+        return self._spec_aborts >= 2 and self._segmenter.pause_ms <= self._segmenter.longest_pause_ms
 
     async def _run_speculation(self, request: DecodeRequest, utt: int) -> DecodeResult | None:
         """None when it failed or was aborted: the final is then decoded the usual way."""
@@ -646,7 +639,6 @@ class Qwen3LegStream(LegStream):
         self._partial_audio = 0
         self._spec_waste = 0
         self._spec_aborts = 0
-        self._spec_after_ms = None
         self._raw = self._committed = ""
         self._held = None
         self._finals_outstanding += 1
