@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.support import free_port, serve_command, wait_serve_ready
+from tests.support import free_port, serve_command, stop_process, wait_serve_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,12 +142,7 @@ async def main() -> None:
                 f"({100 * (total(after) / total(idle) - 1):+.1f}% of idle)"
             )
     finally:
-        process.terminate()
-        try:
-            process.wait(45)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, 45)
 
 
 if __name__ == "__main__":

@@ -66,13 +66,18 @@ def free_port(kind: int = socket.SOCK_DGRAM) -> int:
         return int(sock.getsockname()[1])
 
 
-def free_port_range(size: int = 20) -> str:
-    """A block of UDP ports that are free right now (best effort, random start)."""
+def free_udp_block(
+    size: int, lowest: int = 20000, highest: int = 30000, even: bool = False, stride: int = 1
+) -> int:
+    """The low end of `size` UDP ports that are free right now (best effort, random start
+    below `highest`; `even`: an even start, as RTP wants; only every `stride`-th port tried)."""
     for _ in range(200):
-        low = random.randrange(20000, 30000 - size)
+        low = random.randrange(lowest, highest - size)
+        if even:
+            low &= ~1
+        socks: list[socket.socket] = []
         try:
-            socks = []
-            for port in range(low, low + size):
+            for port in range(low, low + size, stride):
                 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                 socks.append(sock)
                 sock.bind(("127.0.0.1", port))
@@ -81,8 +86,38 @@ def free_port_range(size: int = 20) -> str:
         finally:
             for sock in socks:
                 sock.close()
-        return f"{low}-{low + size - 1}"
+        return low
     raise RuntimeError("no free UDP port block found")
+
+
+def free_port_range(size: int = 20) -> str:
+    """A block of UDP ports that are free right now, as a `rtp_port_range` setting."""
+    low = free_udp_block(size)
+    return f"{low}-{low + size - 1}"
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM a subprocess if it still runs, SIGKILL it after `timeout` seconds, reap it."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+async def whip_offer() -> str:
+    """An SDP offer of a send-only audio WebRTC peer, as a WHIP client posts it."""
+    from aiortc import RTCPeerConnection
+
+    pc = RTCPeerConnection()
+    pc.addTransceiver("audio", direction="sendonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = pc.localDescription.sdp
+    await pc.close()
+    return sdp
 
 
 async def read_call_events(

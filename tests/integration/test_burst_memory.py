@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from bench.burst_rss import burst, snapshot, total
-from tests.support import REDIS_URL, free_port, serve_command, wait_serve_ready
+from tests.support import REDIS_URL, free_port, serve_command, stop_process, wait_serve_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,12 +46,7 @@ async def test_burst_from_500_sources_returns_to_idle_rss_within_a_minute(key_pr
             after = snapshot(process.pid)
             left = (await http.get(f"http://127.0.0.1:{http_port}/v1/legs")).json()
     finally:
-        process.terminate()
-        try:
-            process.wait(45)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, 45)
     print(f"RSS MB idle={idle} during={during} after={after}")
     assert not left, f"{len(left)} legs still open a minute after the burst"
     assert total(after) <= 1.10 * total(idle), (

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from callscribe.bridge.rtp.sender import send_wav
 from callscribe.events import EventType, TranscriptEvent
 from tests.integration.test_faults import RedisServer, finals_in_redis, speech_wav
-from tests.support import free_port, serve_command, wait_serve_ready
+from tests.support import free_port, serve_command, stop_process, wait_serve_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 LEASE_SEC = 3
@@ -147,12 +147,8 @@ async def test_sigkill_mid_call_ends_call_on_restart_and_loses_no_final(
         events = await call_stream(client, prefix, call_id)
     finally:
         for process in (first, second):
-            if process is not None and process.poll() is None:
-                process.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    process.wait(30)
-                if process.poll() is None:
-                    process.kill()
+            if process is not None:
+                stop_process(process, 30)
         await client.aclose()
         server.stop()
 

@@ -16,18 +16,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.fork_senders import twilio_stream
-from tests.support import ServiceFactory
+from tests.support import ServiceFactory, whip_offer
 
 BAD_IDS = ["c 2/../x", "x\nERROR forged", "a" * 129, "{tag}"]
-
-
-async def whip_offer() -> str:
-    pc = RTCPeerConnection()
-    pc.addTransceiver("audio", direction="sendonly")
-    await pc.setLocalDescription(await pc.createOffer())
-    sdp = pc.localDescription.sdp
-    await pc.close()
-    return sdp
 
 
 def base(svc: object) -> str:

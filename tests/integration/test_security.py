@@ -15,7 +15,6 @@ from contextlib import contextmanager, suppress
 
 import httpx
 import pytest
-from aiortc import RTCPeerConnection
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -26,7 +25,7 @@ from callscribe.bridge.sip.message import SipResponse, parse_message
 from callscribe.logs import configure_logging
 from callscribe.service import Service
 from tests.scripted_engine import with_scripted_engine
-from tests.support import ServiceFactory
+from tests.support import ServiceFactory, whip_offer
 
 
 @pytest.fixture
@@ -89,15 +88,6 @@ async def send_udp(port: int, datagrams: list[bytes]) -> None:
             sock.sendto(datagram, ("127.0.0.1", port))
             await asyncio.sleep(0.005)
     await asyncio.sleep(0.2)  # let the service read them
-
-
-async def whip_offer() -> str:
-    pc = RTCPeerConnection()
-    pc.addTransceiver("audio", direction="sendonly")
-    await pc.setLocalDescription(await pc.createOffer())
-    sdp = pc.localDescription.sdp
-    await pc.close()
-    return sdp
 
 
 async def test_no_secret_is_ever_logged_or_served(make_service: ServiceFactory) -> None:

@@ -32,7 +32,7 @@ from callscribe.events import EventType, TranscriptEvent
 # The lab runs real bridges against the real Redis: the integration fixtures (including the
 # session check that Redis answers) apply here too.
 from tests.integration import conftest as integration
-from tests.support import AUDIO_DIR, free_port, serve_command
+from tests.support import AUDIO_DIR, free_port, free_udp_block, serve_command, stop_process
 
 _redis_is_up = integration._redis_is_up
 key_prefix = integration.key_prefix
@@ -180,7 +180,7 @@ transmit_silence = yes
             "[general]\n[logfiles]\nconsole => notice,warning,error,verbose\n"
             "messages.log => notice,warning,error,verbose,dtmf\n",
         )
-        low = free_even_port_block(200)
+        low = free_udp_block(200, 30000, 39000, even=True, stride=10)
         self.rtp_ports = (low, low + 199)
         self.write("rtp.conf", f"[general]\nrtpstart = {low}\nrtpend = {low + 199}\n")
 
@@ -263,27 +263,6 @@ transmit_silence = yes
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-
-
-def free_even_port_block(size: int) -> int:
-    """The low end of `size` free UDP ports starting at an even port (best effort)."""
-    import random
-
-    for _ in range(200):
-        low = random.randrange(30000, 39000 - size) & ~1
-        socks: list[socket.socket] = []
-        try:
-            for port in range(low, low + size, 10):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-        return low
-    raise RuntimeError("no free UDP port block found")
 
 
 @pytest.fixture
@@ -377,13 +356,7 @@ async def serve(key_prefix: str, tmp_path: Path) -> AsyncIterator[ServeFactory]:
         yield start
     finally:
         for bridge in started:
-            if bridge.process.poll() is None:
-                bridge.process.terminate()
-                try:
-                    bridge.process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    bridge.process.kill()
-                    bridge.process.wait()
+            stop_process(bridge.process, 30)
             print(bridge.log_tail())
 
 

@@ -45,6 +45,7 @@ CALLER, AGENT = "librivox-0870", "librivox-0890"
 DIGITS = "42"
 # The issue's bound: the leg ends this soon after the PBX hangs up (idle timeout is 10 s).
 HANGUP_BUDGET_S = 2.0
+TWO_PARTY = ("caller", "agent")
 # pytest's record_property: the figures scripts/test-lab.sh prints.
 Record = Callable[[str, object], None]
 
@@ -157,6 +158,21 @@ def ended_promptly(
         assert latency <= HANGUP_BUDGET_S, f"leg {event.leg} ended {latency:.2f} s after the hangup"
 
 
+async def place_call(
+    asterisk: Asterisk, call_log: CallLog, destination: str, legs: tuple[str, ...] = ("caller",)
+) -> tuple[float, dict[str, list[TranscriptEvent]]]:
+    """Originate `destination` from the lab's caller phone, wait until each leg's phone has
+    played its clip and callscribe has settled, hang up and wait for every leg.ended:
+    (the hang-up time, the calls seen)."""
+    await asterisk.acli(f"channel originate {destination} extension s@lab-caller-phone")
+    for leg in legs:
+        await asterisk.wait_db("lab", leg)
+    await call_log.wait_settled(legs=len(legs))
+    hung_up_at = await asterisk.hangup_all()
+    calls = await call_log.wait(lambda c: len(leg_events(c, EventType.LEG_ENDED)) >= len(legs), "leg.ended")
+    return hung_up_at, calls
+
+
 async def test_audiosocket_from_a_local_channel(
     asterisk: Asterisk, serve: ServeFactory, call_log: CallLog, tmp_path: Path, record_property: Record
 ) -> None:
@@ -165,11 +181,7 @@ async def test_audiosocket_from_a_local_channel(
     shipped_dialplan(asterisk, bridge.audiosocket_port)
     asterisk.start()
 
-    await asterisk.acli("channel originate Local/100@callscribe-audiosocket extension s@lab-caller-phone")
-    await asterisk.wait_db("lab", "caller")
-    await call_log.wait_settled(legs=1)
-    hung_up_at = await asterisk.hangup_all()
-    calls = await call_log.wait(lambda c: len(leg_events(c, EventType.LEG_ENDED)) >= 1, "leg.ended")
+    hung_up_at, calls = await place_call(asterisk, call_log, "Local/100@callscribe-audiosocket")
 
     assert len(calls) == 1, f"one call expected, got {list(calls)}"
     [(call_id, events)] = calls.items()
@@ -209,11 +221,7 @@ async def test_chan_websocket_dial(
     shipped_dialplan(asterisk)
     asterisk.start()
 
-    await asterisk.acli("channel originate Local/300@callscribe-websocket extension s@lab-caller-phone")
-    await asterisk.wait_db("lab", "caller")
-    await call_log.wait_settled(legs=1)
-    hung_up_at = await asterisk.hangup_all()
-    calls = await call_log.wait(lambda c: len(leg_events(c, EventType.LEG_ENDED)) >= 1, "leg.ended")
+    hung_up_at, calls = await place_call(asterisk, call_log, "Local/300@callscribe-websocket")
 
     assert len(calls) == 1, f"one call expected, got {list(calls)}"
     [(call_id, events)] = calls.items()
@@ -259,12 +267,7 @@ async def test_ari_external_media_two_party_call(
         )
     try:
         await wait_script_ready(script, script_log, "listening for calls")
-        await asterisk.acli("channel originate Local/200@callscribe-ari extension s@lab-caller-phone")
-        await asterisk.wait_db("lab", "caller")
-        await asterisk.wait_db("lab", "agent")
-        await call_log.wait_settled(legs=2)
-        hung_up_at = await asterisk.hangup_all()
-        calls = await call_log.wait(lambda c: len(leg_events(c, EventType.LEG_ENDED)) >= 2, "both leg.ended")
+        hung_up_at, calls = await place_call(asterisk, call_log, "Local/200@callscribe-ari", TWO_PARTY)
         async with httpx.AsyncClient(timeout=5, headers={"Authorization": f"Bearer {api_token}"}) as http:
             left = (await http.get(f"{bridge.url}/v1/legs")).json()
         log_text = script_log.read_text(errors="replace")
@@ -334,11 +337,7 @@ async def test_pjsip_trunk_direct_call_with_digest_auth_and_dtmf(
 ) -> None:
     bridge = await start_sip_trunk(asterisk, serve, tmp_path)
 
-    await asterisk.acli("channel originate Local/400@callscribe-direct extension s@lab-caller-phone")
-    await asterisk.wait_db("lab", "caller")
-    await call_log.wait_settled(legs=1)
-    hung_up_at = await asterisk.hangup_all()
-    calls = await call_log.wait(lambda c: len(leg_events(c, EventType.LEG_ENDED)) >= 1, "leg.ended")
+    hung_up_at, calls = await place_call(asterisk, call_log, "Local/400@callscribe-direct")
     await assert_challenged(asterisk, bridge.sip_port)
 
     assert len(calls) == 1, f"one call expected, got {list(calls)}"
@@ -356,12 +355,8 @@ async def test_pjsip_trunk_two_party_chanspy_fork_with_digest_auth(
 ) -> None:
     bridge = await start_sip_trunk(asterisk, serve, tmp_path)
 
-    await asterisk.acli("channel originate Local/200@callscribe-example-inbound extension s@lab-caller-phone")
-    await asterisk.wait_db("lab", "caller")
-    await asterisk.wait_db("lab", "agent")
-    await call_log.wait_settled(legs=2)
-    hung_up_at = await asterisk.hangup_all()
-    calls = await call_log.wait(lambda c: len(leg_events(c, EventType.LEG_ENDED)) >= 2, "both leg.ended")
+    inbound = "Local/200@callscribe-example-inbound"
+    hung_up_at, calls = await place_call(asterisk, call_log, inbound, TWO_PARTY)
     await assert_challenged(asterisk, bridge.sip_port)
 
     assert len(calls) == 1, f"the two forks must be one call (X-Callscribe-Call-ID), got {list(calls)}"

@@ -33,7 +33,7 @@ import redis.asyncio as aioredis
 from callscribe.events import EventType, TranscriptEvent
 from tests.integration.sip_peers import SCENARIOS, PcapStream, write_pcmu_pcap
 from tests.lab.peers import KAMAILIO, ROOT, kamailio_command, kamailio_config, kamailio_version, run_sipp_here
-from tests.support import REDIS_URL, free_port, load_clip, serve_command
+from tests.support import REDIS_URL, free_port, load_clip, serve_command, stop_process
 
 pytestmark = pytest.mark.lab
 
@@ -320,17 +320,6 @@ async def test_kamailio_spreads_calls_and_fails_over(tmp_path: Path, redis_clien
         )
     finally:
         if kamailio is not None:
-            kamailio.terminate()
-            try:
-                kamailio.wait(10)
-            except subprocess.TimeoutExpired:
-                kamailio.kill()
-                kamailio.wait(5)
+            stop_process(kamailio, 10)
         for instance in (a, b):
-            if instance.process.poll() is None:
-                instance.process.terminate()
-                try:
-                    instance.process.wait(30)
-                except subprocess.TimeoutExpired:
-                    instance.process.kill()
-                    instance.process.wait(5)
+            stop_process(instance.process, 30)

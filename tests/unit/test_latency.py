@@ -4,7 +4,6 @@ Speed and latency figures come from bench/latency.py, never from here."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import json
@@ -24,6 +23,7 @@ from tests.unit.test_qwen3_streaming import (
     Collector,
     ScriptedBackend,
     count_words,
+    feed_realtime,
     make_engine,
     seconds_of,
 )
@@ -36,11 +36,7 @@ LATENCY = {"segmenter": FAST, "first_chunk_sec": 0.5, "partial_window_sec": 4.0,
 
 async def feed_frames(stream: object, audio: Audio, step_sec: float = 0.02) -> None:
     """Feed like an RTP leg (20 ms packets), letting decodes run between packets."""
-    step = int(step_sec * SAMPLE_RATE)
-    for i in range(0, audio.size, step):
-        stream.feed(audio[i : i + step])  # type: ignore[attr-defined]
-        for _ in range(3):
-            await asyncio.sleep(0)
+    await feed_realtime(stream, audio, step_sec, yields=3)
 
 
 def kinds_of(backend: ScriptedBackend) -> list[str]:

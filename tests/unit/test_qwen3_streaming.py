@@ -181,11 +181,12 @@ class Collector:
         return [e for e in self.events if isinstance(e, Partial)]
 
 
-async def feed_realtime(stream: object, audio: Audio, step_sec: float = 0.5) -> None:
+async def feed_realtime(stream: object, audio: Audio, step_sec: float = 0.5, yields: int = 5) -> None:
+    """Feed in `step_sec` pieces, letting decodes run (`yields` loop turns) between them."""
     step = int(step_sec * SAMPLE_RATE)
     for i in range(0, audio.size, step):
         stream.feed(audio[i : i + step])  # type: ignore[attr-defined]
-        for _ in range(5):
+        for _ in range(yields):
             await asyncio.sleep(0)
 
 
